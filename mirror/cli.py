@@ -1,0 +1,208 @@
+"""The `mirror` command: serve, up, migrate, status, project, rebuild, send-sample, as-of,
+history."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from mirror import logs
+from mirror.db import connect, migrate
+from mirror.errors import MirrorError
+from mirror.settings import Settings, ensure_local_secrets, masked_url
+
+DATA_DIR = Path(os.environ.get("MIRROR_DATA_DIR", ".data"))
+log = logging.getLogger("mirror.cli")
+
+
+def database_url(env: dict[str, str] | None = None) -> str:
+    """DATABASE_URL, or else the embedded server under ./.data/ (started if needed)."""
+    env = dict(os.environ) if env is None else env
+    url = env.get("DATABASE_URL", "").strip()
+    if url:
+        return url
+    from mirror import embedded
+
+    _server, url = embedded.start(DATA_DIR.resolve() / "pg")
+    os.environ["DATABASE_URL"] = url
+    return url
+
+
+def _local_env() -> dict[str, Path]:
+    """For `up`: load generated secrets into the environment unless the user set them."""
+    files = ensure_local_secrets(DATA_DIR)
+    used: dict[str, Path] = {}
+    for name, path in files.items():
+        if not os.environ.get(name):
+            os.environ[name] = path.read_text().strip()
+            used[name] = path
+    return used
+
+
+async def _migrate(url: str) -> None:
+    async with connect(url) as conn:
+        await migrate(conn)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    url = database_url()
+    asyncio.run(_migrate(url))
+    print(f"schema applied to {masked_url(url)}")
+    return 0
+
+
+def _serve(settings: Settings, *, secret_files: dict[str, Path] | None = None,
+           project: bool = True) -> int:
+    from mirror.app import create_app
+
+    asyncio.run(_migrate(settings.database_url))
+    app = create_app(settings, project=project)
+    shown_host = settings.host if settings.host not in {"0.0.0.0", "::"} else "127.0.0.1"
+    print(f"webhook URL:     http://{shown_host}:{settings.port}/webhooks", flush=True)
+    print(f"SQL connection:  {masked_url(settings.database_url)}", flush=True)
+    for name, path in (secret_files or {}).items():
+        print(f"{name}: kept in {path.resolve()}", flush=True)
+    web.run_app(app, host=settings.host, port=settings.port, print=None,
+                shutdown_timeout=10.0, handle_signals=True, access_log=None)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = Settings.from_env(database_url=database_url())
+    return _serve(settings, project=not args.no_projector)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    used = _local_env()
+    settings = Settings.from_env(database_url=database_url())
+    return _serve(settings, secret_files=used)
+
+
+def cmd_project(args: argparse.Namespace) -> int:
+    from mirror.db import create_pool
+    from mirror.projector import Projector
+
+    url = database_url()
+
+    async def run() -> None:
+        await _migrate(url)
+        pool = await create_pool(url)
+        projector = Projector(pool, url, workers=args.workers)
+        projector.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        print("projection workers running; Ctrl-C to stop", flush=True)
+        await stop.wait()
+        await projector.stop()
+        await pool.close()
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from mirror.status import gather
+
+    url = database_url()
+
+    async def run() -> dict[str, Any]:
+        async with connect(url) as conn:
+            return await gather(conn)
+
+    report = asyncio.run(run())
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        from mirror.status import render
+
+        print(render(report))
+    return 0
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    from mirror.rebuild import rebuild
+
+    url = database_url()
+
+    async def run() -> dict[str, int]:
+        async with connect(url, timeout=30) as conn:
+            return await rebuild(conn, args.resource)
+
+    counts = asyncio.run(run())
+    for name, count in counts.items():
+        print(f"{name}: {count} objects rebuilt")
+    return 0
+
+
+def cmd_send_sample(args: argparse.Namespace) -> int:
+    from mirror.sample import send_sample
+
+    secret = os.environ.get("MIRROR_WEBHOOK_SECRET", "").strip()
+    if not secret:
+        path = DATA_DIR / "webhook_secret"
+        if not path.exists():
+            raise MirrorError("MIRROR_WEBHOOK_SECRET is not set and no local secret exists "
+                              "yet (run make up first)")
+        secret = path.read_text().strip()
+    status, body, event = asyncio.run(send_sample(args.url, secret.split()[0].rstrip(","),
+                                                  args.event_type, args.id))
+    print(f"sent {event['event_type']} for {event['data'].get('id')} → HTTP {status} {body}")
+    return 0 if 200 <= status < 300 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mirror", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="local run: embedded PostgreSQL and generated secrets if unset"
+                   ).set_defaults(func=cmd_up)
+    serve = sub.add_parser("serve", help="run the ingress and projection workers")
+    serve.add_argument("--no-projector", action="store_true",
+                       help="ingress only (run `mirror project` elsewhere)")
+    serve.set_defaults(func=cmd_serve)
+    sub.add_parser("migrate", help="apply schema.sql (idempotent)").set_defaults(func=cmd_migrate)
+    project = sub.add_parser("project", help="run projection workers only")
+    project.add_argument("--workers", type=int, default=2)
+    project.set_defaults(func=cmd_project)
+    status = sub.add_parser("status", help="log size, lag, anomalies, unprojectable events")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    rebuild = sub.add_parser("rebuild", help="re-fold projections from the log")
+    rebuild.add_argument("resource", nargs="?", help="one resource (default: all)")
+    rebuild.set_defaults(func=cmd_rebuild)
+    sample = sub.add_parser("send-sample", help="sign and post a sample event")
+    sample.add_argument("--url", default=None, help="webhook URL (default from MIRROR_PORT)")
+    sample.add_argument("--event-type", default="order.created")
+    sample.add_argument("--id", default=None, help="object id (default: random)")
+    sample.set_defaults(func=cmd_send_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `mirror` command."""
+    logs.setup(os.environ.get("MIRROR_LOG_LEVEL", "INFO"))
+    args = build_parser().parse_args(argv)
+    if getattr(args, "url", "unset") is None:
+        host = os.environ.get("MIRROR_HOST", "127.0.0.1")
+        args.url = f"http://{host}:{os.environ.get('MIRROR_PORT', '8080')}/webhooks"
+    try:
+        result: int = args.func(args)
+        return result
+    except MirrorError as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception):
+            print("stopped", file=sys.stderr)
+        return 130

@@ -1,0 +1,173 @@
+"""Parse an authentic delivery into what the log stores, redacting credentials first.
+
+Nothing here raises on any body: an authentic body that is not a usable Trackstar envelope
+becomes an ``Envelope`` with ``unusable_reason`` set, so it is stored and never lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from projections import registry
+from projections.base import normalise_kind
+
+REDACTED = "[redacted]"
+# Keys whose values are credentials wherever they appear in a payload.
+CREDENTIAL_KEYS = frozenset({
+    "access_token", "refresh_token", "api_key", "x-trackstar-api-key",
+    "x-trackstar-access-token", "client_secret", "password",
+})
+_CREDENTIAL_TEXT = re.compile(
+    r'("(?:' + "|".join(re.escape(k) for k in sorted(CREDENTIAL_KEYS)) + r')"\s*:\s*)'
+    r'"(?:[^"\\]|\\.)*"',
+    re.IGNORECASE,
+)
+MAX_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One delivery as the log stores it."""
+
+    body: bytes                      # stored body: the raw bytes, or a redacted rendering
+    body_sha256: bytes               # of the body exactly as received
+    redacted: bool
+    connection_id: str | None = None
+    integration_name: str | None = None
+    integration_type: str | None = None
+    event_type: str | None = None
+    kind: str | None = None
+    resource: str | None = None
+    object_id: str | None = None
+    data: str | None = None                  # JSON text, safe for jsonb
+    previous_attributes: str | None = None   # JSON text, safe for jsonb
+    unusable_reason: str | None = None
+
+
+class _Unsafe(Exception):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _loads(text: bytes) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        # orjson refuses integers beyond 64 bits, which are valid JSON: ask the stdlib.
+        return json.loads(text, parse_constant=_reject_constant)
+
+
+def _scrub(value: Any, depth: int = 0) -> tuple[Any, bool]:
+    """Copy of ``value`` with credentials redacted; raise _Unsafe if jsonb cannot hold it."""
+    if depth > MAX_DEPTH:
+        raise _Unsafe(f"nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise _Unsafe("string contains a NUL character")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Unsafe("string contains an unpaired surrogate") from None
+        return value, False
+    if isinstance(value, dict):
+        changed = False
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            _scrub(key, depth + 1)
+            if key.lower() in CREDENTIAL_KEYS and item is not None:
+                out[key] = REDACTED
+                changed = True
+            else:
+                out[key], sub = _scrub(item, depth + 1)
+                changed = changed or sub
+        return out, changed
+    if isinstance(value, list):
+        changed = False
+        items = []
+        for item in value:
+            new, sub = _scrub(item, depth + 1)
+            items.append(new)
+            changed = changed or sub
+        return items, changed
+    if isinstance(value, float) and value != value:  # NaN cannot be stored
+        raise _Unsafe("NaN is not JSON")
+    return value, False
+
+
+def _dumps(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # integers beyond 64 bits
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+
+
+def parse(raw: bytes) -> Envelope:
+    """Parse and redact one authentic body. Never raises."""
+    digest = hashlib.sha256(raw).digest()
+    try:
+        doc = _loads(raw)
+    except (ValueError, RecursionError, UnicodeDecodeError):
+        text = raw.decode("utf-8", errors="replace")
+        redacted_text, count = _CREDENTIAL_TEXT.subn(rf'\1"{REDACTED}"', text)
+        body = redacted_text.encode() if count else raw
+        return Envelope(body, digest, bool(count), unusable_reason="body is not valid JSON")
+    try:
+        clean, changed = _scrub(doc)
+    except (_Unsafe, RecursionError) as exc:
+        text = raw.decode("utf-8", errors="replace")
+        redacted_text, count = _CREDENTIAL_TEXT.subn(rf'\1"{REDACTED}"', text)
+        return Envelope(redacted_text.encode() if count else raw, digest, bool(count),
+                        unusable_reason=f"body cannot be stored as JSON: {exc}")
+    body = _dumps(clean).encode() if changed else raw
+    base = Envelope(body, digest, changed)
+    if not isinstance(clean, dict):
+        return _with(base, unusable_reason="body is not a JSON object")
+
+    def text_field(name: str) -> str | None:
+        value = clean.get(name)
+        return value if isinstance(value, str) and len(value) <= 1024 else None
+
+    event_type = text_field("event_type")
+    data = clean.get("data")
+    previous = clean.get("previous_attributes")
+    fields = dict(
+        connection_id=text_field("connection_id"),
+        integration_name=text_field("integration_name"),
+        integration_type=text_field("integration_type"),
+        event_type=event_type,
+        kind=normalise_kind(event_type) if event_type else None,
+        data=_dumps(data) if isinstance(data, dict) else None,
+        previous_attributes=_dumps(previous) if isinstance(previous, dict) else None,
+    )
+    if event_type is None:
+        return _with(base, **fields, unusable_reason="missing or invalid event_type")
+    resource = registry.for_event(event_type)
+    if resource is None:
+        return _with(base, **fields, unusable_reason="unknown event_type")
+    fields["resource"] = resource.name
+    if fields["connection_id"] is None:
+        return _with(base, **fields, unusable_reason="missing connection_id")
+    if not isinstance(data, dict):
+        return _with(base, **fields, unusable_reason="missing or invalid data")
+    if previous is not None and not isinstance(previous, dict):
+        return _with(base, **fields, unusable_reason="previous_attributes is not an object")
+    object_id = resource.object_key(clean)
+    fields["object_id"] = object_id
+    if object_id is None:
+        return _with(base, **fields, unusable_reason=f"missing object key ({resource.key})")
+    if clean.get("data_truncated") is True:
+        return _with(base, **fields, unusable_reason="data truncated")
+    return _with(base, **fields)
+
+
+def _with(base: Envelope, **fields: Any) -> Envelope:
+    return Envelope(base.body, base.body_sha256, base.redacted, **fields)

@@ -1,0 +1,33 @@
+"""The small error vocabulary of the mirror.
+
+Database errors are translated into these at the database edge (mirror/db.py); only
+mirror/ingress.py maps them to HTTP answers.
+"""
+
+
+class MirrorError(Exception):
+    """Base class of every error the mirror raises on purpose."""
+
+
+class ConfigError(MirrorError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+class DatabaseUnavailable(MirrorError):
+    """PostgreSQL cannot be reached (or did not answer in time); callers may retry later."""
+
+
+class VerificationFailed(MirrorError):
+    """A webhook delivery is not authentic; the message is a short reason safe to return."""
+
+
+class NotFound(MirrorError):
+    """The requested object or resource does not exist."""
+
+
+class BadRequest(MirrorError):
+    """A request parameter is malformed; the message says which."""
+
+
+class AmbiguousObject(MirrorError):
+    """An id exists in several connections and no connection_id was given."""

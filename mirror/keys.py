@@ -1,0 +1,23 @@
+"""Typed application keys shared by the app factory and the handlers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import asyncpg
+from aiohttp import web
+
+from mirror.log import Appender
+from mirror.metrics import Metrics
+from mirror.settings import Settings
+from mirror.verify import Verifier
+
+if TYPE_CHECKING:
+    from mirror.projector import Projector
+
+SETTINGS = web.AppKey("settings", Settings)
+POOL = web.AppKey("pool", asyncpg.Pool)
+APPENDER = web.AppKey("appender", Appender)
+VERIFIER = web.AppKey("verifier", Verifier)
+METRICS = web.AppKey("metrics", Metrics)
+PROJECTOR: web.AppKey[Projector] = web.AppKey("projector")

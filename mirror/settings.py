@@ -1,0 +1,126 @@
+"""Settings: one frozen object built from the environment at the edge, passed everywhere else."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mirror.errors import ConfigError
+
+DEFAULT_MAX_BODY = 10 * 1024 * 1024
+SECRET_PREFIX = "whsec_"
+
+
+def parse_webhook_secrets(raw: str, variable: str = "MIRROR_WEBHOOK_SECRET") -> tuple[str, ...]:
+    """Split a space- or comma-separated list of Svix secrets and check each one.
+
+    A secret is ``whsec_`` followed by base64 of at least 16 bytes. The error names the
+    variable but never echoes the value.
+    """
+    parts = tuple(p for p in re.split(r"[\s,]+", raw.strip()) if p)
+    if not parts:
+        raise ConfigError(f"{variable} is empty: set it to the endpoint's signing secret (whsec_...)")
+    for index, secret in enumerate(parts, start=1):
+        if not secret.startswith(SECRET_PREFIX):
+            raise ConfigError(f"{variable}: secret #{index} does not start with {SECRET_PREFIX!r}")
+        body = secret[len(SECRET_PREFIX) :]
+        try:
+            key = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{variable}: secret #{index} is not valid base64") from None
+        if len(key) < 16:
+            raise ConfigError(f"{variable}: secret #{index} is too short (under 16 bytes)")
+    return parts
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service needs to run; see the README's variables table."""
+
+    database_url: str
+    webhook_secrets: tuple[str, ...] = field(repr=False)
+    api_token: str = field(repr=False)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    workers: int = 2
+    batch_size: int = 500
+    poll_interval: float = 1.0
+    db_timeout: float = 5.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, *, database_url: str | None = None,
+                 require_secrets: bool = True) -> Settings:
+        """Build settings from the environment, failing with a message naming the variable."""
+        env = os.environ if env is None else env
+        url = database_url or env.get("DATABASE_URL", "").strip()
+        if not url:
+            raise ConfigError("DATABASE_URL is not set (make up starts an embedded server)")
+        raw_secret = env.get("MIRROR_WEBHOOK_SECRET")
+        if raw_secret is None:
+            if require_secrets:
+                raise ConfigError("MIRROR_WEBHOOK_SECRET is not set: refusing to accept webhooks "
+                                  "without a signing secret")
+            secrets_ = ()
+        else:
+            secrets_ = parse_webhook_secrets(raw_secret)
+        token = env.get("MIRROR_API_TOKEN", "").strip()
+        if require_secrets and len(token) < 16:
+            raise ConfigError("MIRROR_API_TOKEN must be set to a token of at least 16 characters")
+        return cls(
+            database_url=url,
+            webhook_secrets=secrets_,
+            api_token=token,
+            host=env.get("MIRROR_HOST", "127.0.0.1").strip() or "127.0.0.1",
+            port=_int(env, "MIRROR_PORT", 8080, 0, 65535),
+            max_body_bytes=_int(env, "MIRROR_MAX_BODY_BYTES", DEFAULT_MAX_BODY, 1024, 1 << 30),
+            workers=_int(env, "MIRROR_WORKERS", 2, 1, 16),
+            batch_size=_int(env, "MIRROR_BATCH_SIZE", 500, 1, 100_000),
+        )
+
+
+def masked_url(url: str) -> str:
+    """The connection string with any password replaced by ``***``."""
+    return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
+
+
+def ensure_local_secrets(data_dir: Path) -> dict[str, Path]:
+    """Create (once) and return the files holding the local test secret and API token.
+
+    Used only by ``make up`` for local runs; real deployments set the variables.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "MIRROR_WEBHOOK_SECRET": data_dir / "webhook_secret",
+        "MIRROR_API_TOKEN": data_dir / "api_token",
+    }
+    makers = {
+        "MIRROR_WEBHOOK_SECRET": lambda: SECRET_PREFIX
+        + base64.b64encode(secrets.token_bytes(24)).decode(),
+        "MIRROR_API_TOKEN": lambda: secrets.token_urlsafe(32),
+    }
+    for name, path in files.items():
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(makers[name]() + "\n")
+    return files

@@ -1,0 +1,76 @@
+"""`mirror status`: the log, the projections and what needs a human's attention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from mirror.projector import HORIZON_SQL, LAG_SQL
+
+
+async def gather(conn: asyncpg.Connection) -> dict[str, Any]:
+    """Everything `mirror status` reports, as a dict."""
+    log = await conn.fetchrow(
+        "SELECT count(*) AS events, max(received_at) AS last_received, "
+        "coalesce(max(position), 0) AS head, "
+        "count(*) FILTER (WHERE unusable_reason IS NOT NULL) AS unprojectable "
+        "FROM mirror.events")
+    reasons = await conn.fetch(
+        "SELECT unusable_reason AS reason, count(*) AS n FROM mirror.events "
+        "WHERE unusable_reason IS NOT NULL GROUP BY 1 ORDER BY 2 DESC")
+    unknown = await conn.fetch(
+        "SELECT event_type, count(*) AS n FROM mirror.events "
+        "WHERE unusable_reason = 'unknown event_type' GROUP BY 1 ORDER BY 2 DESC LIMIT 50")
+    lag_rows = await conn.fetch(LAG_SQL)
+    oldest = min((r["oldest"] for r in lag_rows if r["oldest"] is not None), default=None)
+    lag_seconds = await conn.fetchval(
+        "SELECT coalesce(extract(epoch FROM now() - $1::timestamptz), 0)::float8", oldest)
+    anomalies = await conn.fetch(
+        "SELECT kind, count(*) FILTER (WHERE resolved_at IS NULL) AS open, "
+        "count(*) FILTER (WHERE resolved_at IS NOT NULL) AS resolved "
+        "FROM mirror.anomalies GROUP BY kind ORDER BY kind")
+    poison = await conn.fetch(
+        "SELECT resource, connection_id, object_id, reason FROM mirror.poison "
+        "ORDER BY recorded_at DESC LIMIT 20")
+    return {
+        "events": log["events"],
+        "head_position": log["head"],
+        "last_received": log["last_received"],
+        "unprojectable": log["unprojectable"],
+        "unprojectable_reasons": {r["reason"]: r["n"] for r in reasons},
+        "unknown_event_types": {r["event_type"]: r["n"] for r in unknown},
+        "projection_lag_events": sum(r["pending"] for r in lag_rows),
+        "projection_lag_seconds": round(lag_seconds or 0.0, 3),
+        "visibility_horizon_seconds": round(await conn.fetchval(HORIZON_SQL) or 0.0, 3),
+        "anomalies": {r["kind"]: {"open": r["open"], "resolved": r["resolved"]}
+                      for r in anomalies},
+        "poisoned_objects": [dict(r) for r in poison],
+    }
+
+
+def render(report: dict[str, Any]) -> str:
+    """A human-readable rendering of ``gather``'s report."""
+    lines = [
+        f"events stored:        {report['events']} (head position {report['head_position']})",
+        f"last received:        {report['last_received'] or 'never'}",
+        f"projection lag:       {report['projection_lag_events']} events, "
+        f"{report['projection_lag_seconds']} s",
+        f"visibility horizon:   {report['visibility_horizon_seconds']} s "
+        "(age of the oldest open transaction)",
+        f"unprojectable events: {report['unprojectable']}",
+    ]
+    for reason, count in report["unprojectable_reasons"].items():
+        lines.append(f"  {count:>8}  {reason}")
+    if report["unknown_event_types"]:
+        lines.append("unknown event types:")
+        for name, count in report["unknown_event_types"].items():
+            lines.append(f"  {count:>8}  {name}")
+    lines.append("anomalies:            " + (", ".join(
+        f"{kind}: {v['open']} open, {v['resolved']} resolved"
+        for kind, v in report["anomalies"].items()) or "none"))
+    lines.append(f"poisoned objects:     {len(report['poisoned_objects'])}")
+    for row in report["poisoned_objects"]:
+        lines.append(f"  {row['resource']} {row['connection_id']}/{row['object_id']}: "
+                     f"{row['reason']}")
+    return "\n".join(lines)

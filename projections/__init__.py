@@ -1,0 +1,1 @@
+"""One module per Trackstar resource, plus the registry that finds them."""

@@ -1,0 +1,16 @@
+"""Bills: `bill.created`, `bill.updated`."""
+
+from projections.base import Column, Resource
+
+RESOURCE = Resource(
+    name="bill",
+    table="bills",
+    events=("bill.created", "bill.updated"),
+    columns=(
+        Column("object_id"),
+        Column("object_type"),
+        Column("charge_type"),
+        Column("amount", "numeric"),
+        Column("currency_code"),
+    ),
+)

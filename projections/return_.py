@@ -1,0 +1,15 @@
+"""Returns: `return.created`, `return.updated`."""
+
+from projections.base import Column, Resource
+
+RESOURCE = Resource(
+    name="return",
+    table="returns",
+    events=("return.created", "return.updated"),
+    columns=(
+        Column("status"),
+        Column("order_id"),
+        Column("warehouse_id"),
+        Column("warehouse_customer_id"),
+    ),
+)
