@@ -45,7 +45,7 @@ PARTITIONS = 16
 _LOCK_CLASS = 7_205_002  # advisory lock namespace of the partitions
 
 FETCH_SQL = """
-SELECT position, txid::text AS txid, resource, connection_id, object_id, unusable_reason
+SELECT position, txid, resource, connection_id, object_id, unusable_reason
 FROM mirror.events
 WHERE part = $1
   AND (txid, position) > ($2::xid8, $3::bigint)
@@ -416,7 +416,7 @@ class Projector:
     async def caught_up(self, timeout: float = 30.0) -> None:
         """Return once every event committed before the call has been projected."""
         async with self._pool.acquire() as conn:
-            target = await conn.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
+            target = await conn.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())")
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             async with self._pool.acquire() as conn:
@@ -472,7 +472,7 @@ async def project_batch(conn: asyncpg.Connection, part: int, batch_size: int,
     if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1, $2)", _LOCK_CLASS, part):
         return 0
     checkpoint = await conn.fetchrow(
-        "SELECT last_txid::text AS txid, last_position FROM mirror.checkpoints "
+        "SELECT last_txid AS txid, last_position FROM mirror.checkpoints "
         "WHERE part = $1 FOR UPDATE", part)
     rows = await conn.fetch(FETCH_SQL, part, checkpoint["txid"], checkpoint["last_position"],
                             batch_size)
