@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from mirror import ingress
+from mirror import api, ingress
 from mirror.db import create_pool
 from mirror.keys import APPENDER, METRICS, POOL, PROJECTOR, SETTINGS, VERIFIER
 from mirror.log import Appender
@@ -47,4 +47,5 @@ def create_app(settings: Settings, *, project: bool = True) -> web.Application:
     app.router.add_get("/healthz", ingress.healthz)
     app.router.add_get("/readyz", ingress.readyz)
     app.router.add_get("/metrics", ingress.metrics_endpoint)
+    api.add_routes(app)
     return app

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,65 @@ def cmd_send_sample(args: argparse.Namespace) -> int:
     return 0 if 200 <= status < 300 else 1
 
 
+def _parse_time_arg(raw: str | None, name: str) -> datetime | None:
+    from projections.base import parse_time
+
+    if raw is None:
+        return None
+    if raw == "now":
+        return datetime.now(UTC)
+    parsed = parse_time(raw)
+    if parsed is None:
+        raise MirrorError(f"{name} must be an ISO 8601 time (or 'now'), got {raw!r}")
+    return parsed
+
+
+def cmd_as_of(args: argparse.Namespace) -> int:
+    from mirror.history import object_as_of
+
+    at = _parse_time_arg(args.at, "--at")
+    known_at = _parse_time_arg(args.known_at, "--known-at")
+    assert at is not None
+    url = database_url()
+
+    async def run() -> Any:
+        async with connect(url) as conn:
+            return await object_as_of(conn, args.resource, args.id, at, args.connection_id,
+                                      known_at)
+
+    _connection, data = asyncio.run(run())
+    if data is None:
+        print(f"mirror: no state for {args.resource} {args.id} at {at.isoformat()}",
+              file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from mirror.history import object_history
+
+    url = database_url()
+
+    async def run() -> list[dict[str, Any]]:
+        async with connect(url) as conn:
+            return await object_history(conn, args.resource, args.id, args.connection_id)
+
+    versions = asyncio.run(run())
+    if not versions:
+        print(f"mirror: no history for {args.resource} {args.id}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(versions, indent=2, sort_keys=True))
+        return 0
+    for v in versions:
+        flag = " (derived)" if v["derived"] else ""
+        state = "deleted" if v["data"] is None else json.dumps(v["data"], sort_keys=True)
+        print(f"{v['valid_from']} .. {v['valid_to'] or 'now'}  {v['event_type']}{flag}")
+        print(f"    {state}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirror", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild = sub.add_parser("rebuild", help="re-fold projections from the log")
     rebuild.add_argument("resource", nargs="?", help="one resource (default: all)")
     rebuild.set_defaults(func=cmd_rebuild)
+    as_of = sub.add_parser("as-of", help="an object's state at a time (JSON)")
+    as_of.add_argument("resource")
+    as_of.add_argument("id")
+    as_of.add_argument("--at", required=True, help="ISO 8601 time, or 'now'")
+    as_of.add_argument("--known-at", default=None, help="count only events received by then")
+    as_of.add_argument("--connection-id", default=None)
+    as_of.set_defaults(func=cmd_as_of)
+    hist = sub.add_parser("history", help="every version of an object")
+    hist.add_argument("resource")
+    hist.add_argument("id")
+    hist.add_argument("--connection-id", default=None)
+    hist.add_argument("--json", action="store_true")
+    hist.set_defaults(func=cmd_history)
     sample = sub.add_parser("send-sample", help="sign and post a sample event")
     sample.add_argument("--url", default=None, help="webhook URL (default from MIRROR_PORT)")
     sample.add_argument("--event-type", default="order.created")

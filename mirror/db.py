@@ -134,8 +134,11 @@ async def migrate(conn: asyncpg.Connection) -> None:
                 await conn.execute(statement)
         # Functions that read the registry-made relations come last.
         history_sql = Path(__file__).resolve().parent / "history.sql"
-        if history_sql.exists():
-            await conn.execute(history_sql.read_text())
+        await conn.execute(history_sql.read_text())
+        await conn.executemany(
+            "INSERT INTO mirror.resources (name, table_name) VALUES ($1, $2) "
+            "ON CONFLICT (name) DO UPDATE SET table_name = EXCLUDED.table_name",
+            [(r.name, r.table) for r in registry.resources()])
 
 
 @asynccontextmanager

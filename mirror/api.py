@@ -1,0 +1,96 @@
+"""The read API: GET /objects/{resource}/{id}[/history], bearer-token protected."""
+
+from __future__ import annotations
+
+import hmac
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from mirror import history
+from mirror.errors import AmbiguousObject, BadRequest, DatabaseUnavailable
+from mirror.ingress import reason
+from mirror.keys import POOL, SETTINGS
+from projections import registry
+from projections.base import parse_time
+
+_FAR_FUTURE = datetime(9999, 12, 31, tzinfo=UTC)
+
+
+def _authorised(request: web.Request) -> bool:
+    expected = request.app[SETTINGS].api_token
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not expected or scheme.lower() != "bearer":
+        return False
+    # Constant time: the comparison does not reveal how much of the token matched.
+    return hmac.compare_digest(token.strip().encode(), expected.encode())
+
+
+def _time(request: web.Request, name: str) -> datetime | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    parsed = parse_time(raw)
+    if parsed is None:
+        raise BadRequest(f"{name} must be an ISO 8601 time, got {raw[:64]!r}")
+    return parsed
+
+
+def _target(request: web.Request) -> tuple[str, str]:
+    resource = registry.by_name(request.match_info["resource"])
+    if resource is None:
+        raise BadRequest(f"unknown resource {request.match_info['resource'][:64]!r}")
+    object_id = request.match_info["id"]
+    if not object_id or len(object_id) > 2048 or "\x00" in object_id:
+        raise BadRequest("bad object id")
+    return resource.name, object_id
+
+
+async def get_object(request: web.Request) -> web.Response:
+    """The object's state at ``at`` (default: now, i.e. its current state)."""
+    if not _authorised(request):
+        return reason(401, "missing or wrong bearer token", **{"WWW-Authenticate": "Bearer"})
+    try:
+        resource, object_id = _target(request)
+        at = _time(request, "at")
+        known_at = _time(request, "known_at")
+        connection_id = request.query.get("connection_id") or None
+        async with request.app[POOL].acquire() as conn:
+            found_connection, data = await history.object_as_of(
+                conn, resource, object_id, at or _FAR_FUTURE, connection_id, known_at)
+    except (BadRequest, AmbiguousObject) as exc:
+        return reason(400, str(exc))
+    except (DatabaseUnavailable, OSError, TimeoutError):
+        return reason(503, "database unavailable")
+    if data is None:
+        return reason(404, "no state for that object at that time")
+    return web.json_response({
+        "resource": resource, "id": object_id, "connection_id": found_connection,
+        "at": at.isoformat() if at else None, "known_at": known_at.isoformat() if known_at else None,
+        "data": data,
+    })
+
+
+async def get_history(request: web.Request) -> web.Response:
+    """Every version of the object."""
+    if not _authorised(request):
+        return reason(401, "missing or wrong bearer token", **{"WWW-Authenticate": "Bearer"})
+    try:
+        resource, object_id = _target(request)
+        connection_id = request.query.get("connection_id") or None
+        async with request.app[POOL].acquire() as conn:
+            versions = await history.object_history(conn, resource, object_id, connection_id)
+    except (BadRequest, AmbiguousObject) as exc:
+        return reason(400, str(exc))
+    except (DatabaseUnavailable, OSError, TimeoutError):
+        return reason(503, "database unavailable")
+    if not versions:
+        return reason(404, "no such object")
+    return web.json_response({"resource": resource, "id": object_id, "versions": versions})
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the read API on ``app``."""
+    app.router.add_get("/objects/{resource}/{id}/history", get_history)
+    app.router.add_get("/objects/{resource}/{id}", get_object)
