@@ -144,8 +144,11 @@ class Appender:
                 continue
             self.last_batch_seconds = time.perf_counter() - started
             for record, future in live:
+                # Two deliveries of one event in one batch: the first is new, the rest are not.
+                is_new = record.event_id in new_ids
+                new_ids.discard(record.event_id)
                 if not future.done():
-                    future.set_result(record.event_id in new_ids)
+                    future.set_result(is_new)
 
     async def _store(self, records: list[Record]) -> set[str]:
         try:
