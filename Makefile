@@ -28,7 +28,7 @@ test-slow: $(STAMP) ## run the long tests (crash, outage, flood)
 	$(BIN)/python -m pytest -m slow
 
 lint: $(STAMP) ## ruff and mypy
-	$(BIN)/ruff check mirror projections tests bench
+	$(BIN)/ruff check mirror projections tests $(wildcard bench)
 	$(BIN)/mypy
 
 bench: $(STAMP) ## run the benchmarks, print the table, write bench/results.json

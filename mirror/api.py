@@ -67,7 +67,8 @@ async def get_object(request: web.Request) -> web.Response:
         return reason(404, "no state for that object at that time")
     return web.json_response({
         "resource": resource, "id": object_id, "connection_id": found_connection,
-        "at": at.isoformat() if at else None, "known_at": known_at.isoformat() if known_at else None,
+        "at": at.isoformat() if at else None,
+        "known_at": known_at.isoformat() if known_at else None,
         "data": data,
     })
 

@@ -21,6 +21,7 @@ from projections import registry
 from projections.base import Column, Resource
 
 SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schema.sql"
+HISTORY_FILE = Path(__file__).resolve().parent / "history.sql"
 _MIGRATE_LOCK = 7_205_001  # advisory lock key: one migration at a time
 
 T = TypeVar("T")
@@ -133,7 +134,7 @@ async def migrate(conn: asyncpg.Connection) -> None:
             for statement in resource_ddl(resource):
                 await conn.execute(statement)
         # Functions that read the registry-made relations come last.
-        history_sql = Path(__file__).resolve().parent / "history.sql"
+        history_sql = HISTORY_FILE
         await conn.execute(history_sql.read_text())
         await conn.executemany(
             "INSERT INTO mirror.resources (name, table_name) VALUES ($1, $2) "

@@ -19,7 +19,8 @@ def start(pgdata: Path, *, keep_running: bool = False) -> tuple[Any, str]:
         import pgserver
 
     pgdata.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(pgdata, cleanup_mode=None if keep_running else "stop")
+    server = pgserver.get_server(  # type: ignore[attr-defined]
+        pgdata, cleanup_mode=None if keep_running else "stop")
     exists = server.psql("SELECT 1 FROM pg_database WHERE datname = 'mirror';")
     if "(1 row)" not in exists:
         server.psql("CREATE DATABASE mirror;")

@@ -7,6 +7,7 @@ events: the events are sorted by the object's own time before anything else happ
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -161,7 +162,7 @@ def fold(resource: Resource, events: Sequence[Event]) -> History:
                                 cand.event.event_type, cand.derived, cand.event.received_at,
                                 cand.position))
     changes: list[Change] = []
-    for before, after in zip(versions, versions[1:], strict=False):
+    for before, after in itertools.pairwise(versions):
         if before.data is None or after.data is None:
             continue
         for path, old, new in paths.changes(before.data, after.data):

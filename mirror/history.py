@@ -20,11 +20,9 @@ FROM mirror.object_history($1, $2, $3)
 
 
 def _translate(exc: asyncpg.PostgresError) -> Exception:
-    if exc.sqlstate == "22023":
+    if isinstance(exc, asyncpg.InvalidParameterValueError):
         return BadRequest(str(exc))
-    if exc.sqlstate == "21000":
-        return AmbiguousObject(str(exc))
-    return exc
+    return AmbiguousObject(str(exc))
 
 
 async def object_as_of(conn: asyncpg.Connection, resource: str, object_id: str, at: datetime,

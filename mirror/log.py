@@ -111,7 +111,9 @@ class Appender:
 
     async def close(self) -> None:
         """Finish what is queued, then stop the flushers. Safe to call twice."""
-        while not self._queue.empty() and any(not t.done() for t in self._tasks):
+        for _ in range(1000):  # at most ~10 s for what is already queued
+            if self._queue.empty() or all(t.done() for t in self._tasks):
+                break
             await asyncio.sleep(0.01)
         for task in self._tasks:
             task.cancel()

@@ -28,7 +28,6 @@ import contextlib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -262,12 +261,13 @@ async def write_histories(conn: asyncpg.Connection, histories: dict[ObjectKey, H
 
 async def _write_current(conn: asyncpg.Connection, histories: dict[ObjectKey, History]) -> None:
     by_resource: dict[str, list[tuple[str, str, History]]] = {}
-    for (resource, conn_id, obj_id), history in histories.items():
-        by_resource.setdefault(resource, []).append((conn_id, obj_id, history))
+    for (resource_name, conn_id, obj_id), history in histories.items():
+        by_resource.setdefault(resource_name, []).append((conn_id, obj_id, history))
     for name, items in by_resource.items():
-        resource = registry.by_name(name)
-        if resource is None:
+        found = registry.by_name(name)
+        if found is None:
             continue
+        resource = found
         sql = statements(resource)
         live: list[tuple[Any, ...]] = []
         gone: list[tuple[str, str]] = []
@@ -378,8 +378,11 @@ class Projector:
                 continue
             try:
                 await conn.add_listener("mirror_events", lambda *_: self._wake.set())
-                while not self._stopping.is_set() and not conn.is_closed():
-                    await asyncio.sleep(self._poll)
+                while not conn.is_closed():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), self._poll)
+                    if self._stopping.is_set():
+                        break
             except Exception:
                 pass
             finally:

@@ -25,7 +25,8 @@ def parse_webhook_secrets(raw: str, variable: str = "MIRROR_WEBHOOK_SECRET") -> 
     """
     parts = tuple(p for p in re.split(r"[\s,]+", raw.strip()) if p)
     if not parts:
-        raise ConfigError(f"{variable} is empty: set it to the endpoint's signing secret (whsec_...)")
+        raise ConfigError(
+            f"{variable} is empty: set it to the endpoint's signing secret (whsec_...)")
     for index, secret in enumerate(parts, start=1):
         if not secret.startswith(SECRET_PREFIX):
             raise ConfigError(f"{variable}: secret #{index} does not start with {SECRET_PREFIX!r}")
@@ -80,7 +81,7 @@ class Settings:
             if require_secrets:
                 raise ConfigError("MIRROR_WEBHOOK_SECRET is not set: refusing to accept webhooks "
                                   "without a signing secret")
-            secrets_ = ()
+            secrets_: tuple[str, ...] = ()
         else:
             secrets_ = parse_webhook_secrets(raw_secret)
         token = env.get("MIRROR_API_TOKEN", "").strip()

@@ -69,7 +69,8 @@ class Verifier:
                 if "too old" in text:
                     raise VerificationFailed("timestamp too old (more than 5 minutes)") from None
                 if "too new" in text:
-                    raise VerificationFailed("timestamp too new (more than 5 minutes ahead)") from None
+                    raise VerificationFailed(
+                        "timestamp too new (more than 5 minutes ahead)") from None
                 continue
             except Exception:
                 # The library leaks ValueError (entry without a comma), binascii.Error (bad

@@ -36,7 +36,8 @@ def _by_kind() -> dict[str, Resource]:
     for resource in resources():
         for kind in resource.events:
             if kind in table:
-                raise RuntimeError(f"event {kind} claimed by {table[kind].name} and {resource.name}")
+                raise RuntimeError(
+                    f"event {kind} claimed by {table[kind].name} and {resource.name}")
             table[kind] = resource
     return table
 

@@ -43,7 +43,8 @@ def service(db_url: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
                 break
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read() if proc.stderr else "service died")
+                raise RuntimeError(
+                    proc.stderr.read() if proc.stderr else "service died") from None
             import time
             time.sleep(0.05)
     yield base, proc
