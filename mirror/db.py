@@ -52,6 +52,11 @@ async def guarded(call: Callable[[], Coroutine[Any, Any, T]]) -> T:
         raise
 
 
+def json_text(value: Any) -> str | None:
+    """JSON text of ``value`` for a text parameter cast to jsonb; None stays SQL NULL."""
+    return None if value is None else _json_dumps(value)
+
+
 def _json_dumps(value: Any) -> str:
     try:
         return orjson.dumps(value).decode()

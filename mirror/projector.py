@@ -32,11 +32,11 @@ from typing import Any
 
 import asyncpg
 
-from mirror.db import is_unavailable
+from mirror.db import is_unavailable, json_text
 from mirror.fold import Event, History, fold
 from mirror.metrics import Metrics
 from projections import registry
-from projections.base import Resource, parse_time
+from projections.base import Column, Resource, parse_time
 
 log = logging.getLogger("mirror.projector")
 
@@ -82,8 +82,9 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::timestam
 INSERT_CHANGES_SQL = """
 INSERT INTO mirror.changes (resource, connection_id, id, seq, changed_at, path, old_value,
                             new_value, event_id, derived)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::timestamptz[],
-                     $6::text[], $7::jsonb[], $8::jsonb[], $9::text[], $10::boolean[])
+SELECT r, c, i, s, t, p, o::jsonb, n::jsonb, e, d
+FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::text[],
+            $7::text[], $8::text[], $9::text[], $10::boolean[]) AS u(r, c, i, s, t, p, o, n, e, d)
 """
 UPSERT_OBJECTS_SQL = """
 INSERT INTO mirror.objects (resource, object_id, connection_id, versions, deleted, first_valid,
@@ -153,15 +154,23 @@ class _Statements:
     child_insert: tuple[str, ...]
 
 
+def _unnest(types: Sequence[str]) -> str:
+    """``SELECT ... FROM unnest(...)`` over typed array parameters; jsonb travels as text."""
+    params = ", ".join(f"${i}::{'text' if t == 'jsonb' else t}[]"
+                       for i, t in enumerate(types, start=1))
+    names = [f"c{i}" for i in range(len(types))]
+    select = ", ".join(f"{n}::jsonb" if t == "jsonb" else n for n, t in zip(names, types,
+                                                                            strict=True))
+    return f"SELECT {select} FROM unnest({params}) AS u({', '.join(names)})"
+
+
 def _statements(resource: Resource) -> _Statements:
     cols = ["connection_id", "id", "data", "created_date", "updated_date", "version_seq",
             "event_id", *[c.name for c in resource.columns]]
     types = ["text", "text", "jsonb", "timestamptz", "timestamptz", "int", "text",
              *[c.sql_type for c in resource.columns]]
-    params = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, start=1))
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols[2:])
-    upsert = (f"INSERT INTO mirror.{resource.table} ({', '.join(cols)}) "
-              f"SELECT * FROM unnest({params}) "
+    upsert = (f"INSERT INTO mirror.{resource.table} ({', '.join(cols)}) {_unnest(types)} "
               f"ON CONFLICT (connection_id, id) DO UPDATE SET {updates}")
     delete = (f"DELETE FROM mirror.{resource.table} t USING unnest($1::text[], $2::text[]) "
               "AS k(connection_id, id) WHERE t.connection_id = k.connection_id AND t.id = k.id")
@@ -175,9 +184,8 @@ def _statements(resource: Resource) -> _Statements:
         ccols = ["connection_id", child.parent_column, "line_number", "data",
                  *[c.name for c in child.columns]]
         ctypes = ["text", "text", "int", "jsonb", *[c.sql_type for c in child.columns]]
-        cparams = ", ".join(f"${i}::{t}[]" for i, t in enumerate(ctypes, start=1))
         child_insert.append(f"INSERT INTO mirror.{child.table} ({', '.join(ccols)}) "
-                            f"SELECT * FROM unnest({cparams})")
+                            f"{_unnest(ctypes)}")
     return _Statements(upsert, delete, tuple(child_delete), tuple(child_insert))
 
 
@@ -230,8 +238,11 @@ async def write_histories(conn: asyncpg.Connection, histories: dict[ObjectKey, H
                                  v.data, v.event_id, v.event_type, v.derived, v.known_from,
                                  v.position))
             for c in history.changes:
+                # Values may be arrays: they travel as JSON text, since asyncpg would read a
+                # Python list inside a jsonb[] parameter as another array dimension.
                 changes.append((resource, conn_id, obj_id, c.seq, c.changed_at, c.path,
-                                c.old_value, c.new_value, c.event_id, c.derived))
+                                json_text(c.old_value), json_text(c.new_value), c.event_id,
+                                c.derived))
             current = history.current
             objects.append((resource, obj_id, conn_id, len(history.versions),
                             current is None or current.data is None,
@@ -278,17 +289,17 @@ async def _write_current(conn: asyncpg.Connection, histories: dict[ObjectKey, Hi
                 gone.append((conn_id, obj_id))
                 continue
             data = current.data
-            live.append((conn_id, obj_id, data, parse_time(data.get("created_date")),
+            live.append((conn_id, obj_id, json_text(data), parse_time(data.get("created_date")),
                          parse_time(data.get("updated_date")), current.seq, current.event_id,
-                         *[c.extract(data) for c in resource.columns]))
+                         *[_param(c, data) for c in resource.columns]))
             for index, child in enumerate(resource.children):
                 elements = data.get(child.array)
                 if not isinstance(elements, list):
                     continue
                 for line, element in enumerate(elements):
                     if isinstance(element, dict):
-                        children[index].append((conn_id, obj_id, line, element,
-                                                *[c.extract(element) for c in child.columns]))
+                        children[index].append((conn_id, obj_id, line, json_text(element),
+                                                *[_param(c, element) for c in child.columns]))
         every = _columns([(c, o) for c, o, _ in items], 2)
         for delete in sql.child_delete:
             await conn.execute(delete, *every)
@@ -300,6 +311,11 @@ async def _write_current(conn: asyncpg.Connection, histories: dict[ObjectKey, Hi
             if children[index]:
                 await conn.execute(sql.child_insert[index],
                                    *_columns(children[index], 4 + len(child.columns)))
+
+
+def _param(column: Column, obj: dict[str, Any]) -> Any:
+    value = column.extract(obj)
+    return json_text(value) if column.sql_type == "jsonb" else value
 
 
 _STATEMENTS: dict[str, _Statements] = {}

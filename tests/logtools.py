@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,8 +30,16 @@ async def append(conn: asyncpg.Connection, *events: dict[str, Any] | Record) -> 
     return records
 
 
+PENDING_SQL = """
+SELECT count(*) FROM mirror.checkpoints c JOIN mirror.events e ON e.part = c.part
+ AND (e.txid, e.position) > (c.last_txid, c.last_position)
+ AND e.txid < pg_snapshot_xmin(pg_current_snapshot())
+"""
+
+
 async def project_all(conn: asyncpg.Connection, batch_size: int = 500) -> int:
-    """Run batches on every partition until nothing is left; return rows consumed."""
+    """Run batches on every partition until every visible event is projected (also when a
+    live worker holds a partition for a while); return the rows this call consumed."""
     total = 0
     while True:
         done = 0
@@ -39,7 +48,9 @@ async def project_all(conn: asyncpg.Connection, batch_size: int = 500) -> int:
                 done += await project_batch(conn, part, batch_size)
         total += done
         if done == 0:
-            return total
+            if await conn.fetchval(PENDING_SQL) == 0:
+                return total
+            await asyncio.sleep(0.01)
 
 
 async def snapshot(conn: asyncpg.Connection) -> dict[str, list[tuple[Any, ...]]]:
