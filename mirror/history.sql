@@ -44,6 +44,21 @@ BEGIN
 END;
 $$;
 
+-- The one version in force at `at` (as known at known_at): a single index probe on
+-- versions_as_of, newest first, stopping at the first match. A plain SQL function, so the
+-- planner inlines it and EXPLAIN shows the real plan.
+CREATE OR REPLACE FUNCTION mirror.version_at(resource text, connection_id text, id text,
+                                             at timestamptz, known_at timestamptz DEFAULT NULL)
+RETURNS SETOF mirror.versions LANGUAGE sql STABLE AS $$
+    SELECT v.*
+    FROM mirror.versions v
+    WHERE v.resource = $1 AND v.object_id = $3 AND v.connection_id = $2
+      AND v.valid_from <= $4
+      AND ($5 IS NULL OR v.known_from <= $5)
+    ORDER BY v.valid_from DESC, v.seq DESC
+    LIMIT 1
+$$;
+
 -- The object's state at `at` (valid_from inclusive, valid_to exclusive); NULL before its
 -- earliest known state and after its deletion. With known_at, only events received at or
 -- before known_at count, with the states they reveal. One index probe: the cost does not grow
@@ -61,12 +76,7 @@ BEGIN
         RETURN NULL;
     END IF;
     SELECT v.data INTO result
-    FROM mirror.versions v
-    WHERE v.resource = r AND v.object_id = object_as_of.id AND v.connection_id = c
-      AND v.valid_from <= object_as_of.at
-      AND (object_as_of.known_at IS NULL OR v.known_from <= object_as_of.known_at)
-    ORDER BY v.valid_from DESC, v.seq DESC
-    LIMIT 1;
+    FROM mirror.version_at(r, c, object_as_of.id, object_as_of.at, object_as_of.known_at) v;
     RETURN result;
 END;
 $$;

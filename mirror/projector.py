@@ -270,6 +270,33 @@ async def write_histories(conn: asyncpg.Connection, histories: dict[ObjectKey, H
         await conn.execute(UPSERT_POISON_SQL, *_columns(rows, 5))
 
 
+async def write_guarded(conn: asyncpg.Connection, histories: dict[ObjectKey, History],
+                        poisoned: dict[ObjectKey, tuple[str, int]],
+                        last_position: dict[ObjectKey, int]) -> None:
+    """write_histories, but an object the database refuses becomes poison instead of
+    failing (and so stalling) its whole partition."""
+    try:
+        async with conn.transaction():  # a savepoint inside the batch transaction
+            await write_histories(conn, histories, poisoned)
+        return
+    except asyncpg.PostgresError as exc:
+        if is_unavailable(exc):
+            raise
+        log.warning("batch write refused, writing object by object",
+                    extra={"sqlstate": exc.sqlstate})
+    for key, history in histories.items():
+        try:
+            async with conn.transaction():
+                await write_histories(conn, {key: history}, {})
+        except asyncpg.PostgresError as exc:
+            if is_unavailable(exc):
+                raise
+            poisoned[key] = (f"database refused the fold: {exc.sqlstate} {exc}"[:1000],
+                             last_position.get(key, 0))
+    if poisoned:
+        await write_histories(conn, {}, poisoned)
+
+
 async def _write_current(conn: asyncpg.Connection, histories: dict[ObjectKey, History]) -> None:
     by_resource: dict[str, list[tuple[str, str, History]]] = {}
     for (resource_name, conn_id, obj_id), history in histories.items():
@@ -504,7 +531,7 @@ async def project_batch(conn: asyncpg.Connection, part: int, batch_size: int,
     if keys:
         loaded = await conn.fetch(LOAD_SQL, *_objects_params(keys))
         histories, poisoned = fold_objects(events_from_rows(loaded), keys)
-        await write_histories(conn, histories, poisoned)
+        await write_guarded(conn, histories, poisoned, keys)
     last = rows[-1]
     moved = await conn.execute(
         "UPDATE mirror.checkpoints SET last_txid = $2::xid8, last_position = $3, "

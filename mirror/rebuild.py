@@ -17,7 +17,7 @@ from mirror.projector import (
     PARTITIONS,
     events_from_rows,
     fold_objects,
-    write_histories,
+    write_guarded,
 )
 from projections import registry
 from projections.base import Resource
@@ -63,5 +63,5 @@ async def _rebuild_one(conn: asyncpg.Connection, resource: Resource) -> int:
         rows = await conn.fetch(LOAD_SQL, *params)
         grouped = events_from_rows(rows)
         histories, poisoned = fold_objects(grouped, {})
-        await write_histories(conn, histories, poisoned)
+        await write_guarded(conn, histories, poisoned, {})
     return len(keys)

@@ -262,3 +262,42 @@ async def test_cli_prints_what_sql_returns(db_url: str, conn: asyncpg.Connection
     hist = subprocess.run([sys.executable, "-m", "mirror", "history", "inventory", "inv_1",
                            "--json"], env=env, capture_output=True, text=True, timeout=60)
     assert [v["data"]["onhand"] for v in json.loads(hist.stdout)] == [1, 3]
+
+
+async def _plan(conn: asyncpg.Connection, object_id: str, when: datetime) -> dict[str, Any]:
+    raw = await conn.fetchval(
+        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT data FROM "
+        "mirror.version_at('inventory', 'conn_1', $1, $2)", object_id, when)
+    plan: dict[str, Any] = (json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]
+    return plan
+
+
+def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    out = [plan]
+    for child in plan.get("Plans", []):
+        out += _nodes(child)
+    return out
+
+
+async def test_object_as_of_is_one_index_probe_at_ten_thousand_versions(
+        conn: asyncpg.Connection) -> None:
+    deep = [item(0, 0, kind="inventory.created", item_id="deep")]
+    deep += [item(m, m % 97, item_id="deep") for m in range(1, 10_000)]
+    await append(conn, *deep, item(0, 5, kind="inventory.created", item_id="shallow"))
+    await project_all(conn, batch_size=20_000)
+    assert await conn.fetchval("SELECT count(*) FROM mirror.versions WHERE object_id = 'deep'"
+                               ) == 10_000
+    await conn.execute("ANALYZE mirror.versions")
+    probes = {}
+    for object_id, minute in (("deep", 5_000), ("deep", 9_999), ("shallow", 10)):
+        plan = await _plan(conn, object_id, at(minute))
+        nodes = _nodes(plan)
+        scans = [n for n in nodes if "Relation Name" in n]  # scans of tables
+        assert [n["Node Type"] for n in scans] == ["Index Scan"], nodes
+        assert scans[0]["Index Name"] == "versions_as_of"
+        assert scans[0]["Actual Rows"] == 1          # stops at the first match
+        probes[(object_id, minute)] = plan["Shared Hit Blocks"] + plan.get("Shared Read Blocks", 0)
+    # The buffers touched do not grow with history depth (a B-tree level at most).
+    assert probes[("deep", 5_000)] <= probes[("shallow", 10)] + 2
+    assert probes[("deep", 9_999)] <= probes[("shallow", 10)] + 2
+    assert (await as_of(conn, 5_000, object_id="deep"))["onhand"] == 5_000 % 97

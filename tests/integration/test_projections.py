@@ -296,3 +296,22 @@ async def test_rebuild_equals_live(conn: asyncpg.Connection) -> None:
     assert await snapshot(conn) == live
     await rebuild(conn, "order")
     assert await snapshot(conn) == live
+
+
+async def test_object_the_database_refuses_is_poison_not_a_stall(
+        conn: asyncpg.Connection) -> None:
+    # A typed column the database will not take (an over-long integer would be cast away, so
+    # use a check constraint a user might add) must not stop the partition.
+    await conn.execute("ALTER TABLE mirror.orders ADD CONSTRAINT no_x CHECK (status <> 'x')")
+    await append(conn, order("bad", "2025-01-01T10:00:00Z", "x"),
+                 order("good", "2025-01-01T10:00:00Z", "open"))
+    await project_all(conn)
+    assert [r["id"] for r in await conn.fetch("SELECT id FROM mirror.orders")] == ["good"]
+    poison = await conn.fetchrow("SELECT object_id, reason FROM mirror.poison")
+    assert poison["object_id"] == "bad" and "23514" in poison["reason"]
+    # Once the cause is gone, a later event for that object folds it cleanly.
+    await conn.execute("ALTER TABLE mirror.orders DROP CONSTRAINT no_x")
+    await append(conn, order("bad", "2025-01-01T11:00:00Z", "open", kind="order.updated"))
+    await project_all(conn)
+    assert await conn.fetchval("SELECT status FROM mirror.orders WHERE id = 'bad'") == "open"
+    assert await conn.fetchval("SELECT count(*) FROM mirror.poison") == 0
