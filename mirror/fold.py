@@ -85,6 +85,9 @@ class History:
     versions: tuple[Version, ...]
     changes: tuple[Change, ...]
     anomalies: tuple[Anomaly, ...]
+    # A partial history (from fold_append) starts at the stored tail version: the rows before
+    # it are unchanged and are not repeated here.
+    partial: bool = False
 
     @property
     def current(self) -> Version | None:
@@ -136,17 +139,55 @@ class _Candidate:
 
 def fold(resource: Resource, events: Sequence[Event]) -> History:
     """Every version, change and anomaly of one object, from the set of its events."""
-    received: list[_Candidate] = []
+    history = _fold(resource, events, None)
+    assert history is not None
+    return history
+
+
+def fold_append(resource: Resource, tail: Version, events: Sequence[Event]) -> History | None:
+    """The history that ``events`` add after the stored last version ``tail``, or None when
+    any of them (or a state one reveals) belongs before it: then only a full fold is right.
+
+    The result is partial: its first version is ``tail`` with its new ``valid_to``; the
+    anomalies and changes are the new ones. A full fold of every event gives the same rows.
+    """
+    return _fold(resource, events, tail)
+
+
+def _candidates(resource: Resource, events: Sequence[Event]) -> list[_Candidate]:
+    out = []
     for event in events:
         deleting = event.kind in resource.deletes
-        received.append(_Candidate(object_time(event, deleting), False,
-                                   ksuid_time(event.event_id) or _EPOCH, event.position, event,
-                                   None if deleting else event.data))
+        out.append(_Candidate(object_time(event, deleting), False,
+                              ksuid_time(event.event_id) or _EPOCH, event.position, event,
+                              None if deleting else event.data))
+    return out
+
+
+def _seed(tail: Version) -> _Candidate:
+    event = Event(tail.position, tail.event_id, tail.event_type, "", tail.known_from,
+                  tail.data or {})
+    return _Candidate(tail.valid_from, tail.derived, ksuid_time(tail.event_id) or _EPOCH,
+                      tail.position, event, tail.data)
+
+
+def _fold(resource: Resource, events: Sequence[Event], tail: Version | None) -> History | None:
+    received = _candidates(resource, events)
+    base = 0
+    if tail is not None:
+        seed = _seed(tail)
+        if any(c.key() <= seed.key() for c in received):
+            return None
+        received.append(seed)
+        base = tail.seq
     received.sort(key=_Candidate.key)
     # Resources with partial payloads merge each event into the state before it.
     if resource.state is not None:
         state: dict[str, Any] | None = None
         for cand in received:
+            if tail is not None and cand is received[0]:
+                state = cand.data
+                continue
             if cand.data is not None:
                 state = resource.next_state(state, cand.data, cand.event.envelope)
                 cand.data = state
@@ -154,10 +195,13 @@ def fold(resource: Resource, events: Sequence[Event]) -> History:
                 state = None
     anomalies: list[Anomaly] = []
     derived = _revealed(received, anomalies)
+    if tail is not None and any(c.key() <= received[0].key() for c in derived):
+        return None
     timeline = _place(received, derived, anomalies)
     versions: list[Version] = []
-    for seq, cand in enumerate(timeline):
-        valid_to = timeline[seq + 1].valid_from if seq + 1 < len(timeline) else None
+    for index, cand in enumerate(timeline):
+        seq = base + index
+        valid_to = timeline[index + 1].valid_from if index + 1 < len(timeline) else None
         versions.append(Version(seq, cand.valid_from, valid_to, cand.data, cand.event.event_id,
                                 cand.event.event_type, cand.derived, cand.event.received_at,
                                 cand.position))
@@ -168,7 +212,7 @@ def fold(resource: Resource, events: Sequence[Event]) -> History:
         for path, old, new in paths.changes(before.data, after.data):
             changes.append(Change(after.seq, after.valid_from, path, old, new, after.event_id,
                                   after.derived))
-    return History(tuple(versions), tuple(changes), tuple(anomalies))
+    return History(tuple(versions), tuple(changes), tuple(anomalies), partial=tail is not None)
 
 
 def _revealed(received: list[_Candidate], anomalies: list[Anomaly]) -> list[_Candidate]:

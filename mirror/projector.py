@@ -33,7 +33,7 @@ from typing import Any
 import asyncpg
 
 from mirror.db import is_unavailable, json_text
-from mirror.fold import Event, History, fold
+from mirror.fold import Event, History, Version, fold, fold_append
 from mirror.metrics import Metrics
 from projections import registry
 from projections.base import Column, Resource, parse_time
@@ -44,7 +44,9 @@ PARTITIONS = 16
 _LOCK_CLASS = 7_205_002  # advisory lock namespace of the partitions
 
 FETCH_SQL = """
-SELECT position, txid, resource, connection_id, object_id, unusable_reason
+SELECT position, txid, resource, connection_id, object_id, unusable_reason, event_id,
+       event_type, kind, received_at, data, previous_attributes, integration_name,
+       integration_type
 FROM mirror.events
 WHERE part = $1
   AND (txid, position) > ($2::xid8, $3::bigint)
@@ -93,7 +95,27 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::boolean[
                      $6::timestamptz[], $7::timestamptz[])
 ON CONFLICT (resource, object_id, connection_id) DO UPDATE
 SET versions = EXCLUDED.versions, deleted = EXCLUDED.deleted,
-    first_valid = EXCLUDED.first_valid, last_valid = EXCLUDED.last_valid
+    first_valid = coalesce(EXCLUDED.first_valid, mirror.objects.first_valid),
+    last_valid = EXCLUDED.last_valid
+"""
+CLOSE_TAIL_SQL = """
+UPDATE mirror.versions v SET valid_to = u.valid_to
+FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::timestamptz[])
+     AS u(resource, connection_id, object_id, seq, valid_to)
+WHERE v.resource = u.resource AND v.object_id = u.object_id
+  AND v.connection_id = u.connection_id AND v.seq = u.seq
+"""
+TAILS_SQL = f"""
+SELECT k.resource, k.connection_id, k.object_id, t.seq, t.valid_from, t.valid_to, t.data,
+       t.event_id, t.event_type, t.derived, t.known_from, t.position,
+       EXISTS (SELECT 1 FROM mirror.poison p WHERE p.resource = k.resource
+               AND p.object_id = k.object_id AND p.connection_id = k.connection_id) AS poisoned
+FROM {_OBJECTS}
+JOIN LATERAL (
+    SELECT * FROM mirror.versions v
+    WHERE v.resource = k.resource AND v.object_id = k.object_id
+      AND v.connection_id = k.connection_id
+    ORDER BY v.seq DESC LIMIT 1) t ON true
 """
 UPSERT_ANOMALIES_SQL = """
 INSERT INTO mirror.anomalies (resource, connection_id, object_id, kind, at, event_id, paths,
@@ -222,18 +244,26 @@ def events_from_rows(rows: Iterable[asyncpg.Record]) -> dict[ObjectKey, list[Eve
 
 async def write_histories(conn: asyncpg.Connection, histories: dict[ObjectKey, History],
                           poisoned: dict[ObjectKey, tuple[str, int]]) -> None:
-    """Replace the stored history and current state of every object in ``histories``."""
+    """Store each object's history and current state: a full history replaces what was
+    stored; a partial one (fold_append) closes the stored tail and appends after it."""
     keys = list(histories)
     if keys:
-        params = _objects_params(keys)
-        await conn.execute(DELETE_VERSIONS_SQL, *params)
-        await conn.execute(DELETE_CHANGES_SQL, *params)
+        full = [k for k, h in histories.items() if not h.partial]
+        params = _objects_params(full)
+        if full:
+            await conn.execute(DELETE_VERSIONS_SQL, *params)
+            await conn.execute(DELETE_CHANGES_SQL, *params)
         versions: list[tuple[Any, ...]] = []
+        closed: list[tuple[Any, ...]] = []
         changes: list[tuple[Any, ...]] = []
         objects: list[tuple[Any, ...]] = []
         anomalies: list[tuple[Any, ...]] = []
         for (resource, conn_id, obj_id), history in histories.items():
-            for v in history.versions:
+            stored = history.versions
+            if history.partial:
+                tail, stored = stored[0], stored[1:]
+                closed.append((resource, conn_id, obj_id, tail.seq, tail.valid_to))
+            for v in stored:
                 versions.append((resource, conn_id, obj_id, v.seq, v.valid_from, v.valid_to,
                                  v.data, v.event_id, v.event_type, v.derived, v.known_from,
                                  v.position))
@@ -244,13 +274,16 @@ async def write_histories(conn: asyncpg.Connection, histories: dict[ObjectKey, H
                                 json_text(c.old_value), json_text(c.new_value), c.event_id,
                                 c.derived))
             current = history.current
-            objects.append((resource, obj_id, conn_id, len(history.versions),
+            first = history.versions[0].valid_from if history.versions else None
+            objects.append((resource, obj_id, conn_id, current.seq + 1 if current else 0,
                             current is None or current.data is None,
-                            history.versions[0].valid_from if history.versions else None,
+                            None if history.partial else first,
                             current.valid_from if current else None))
             for a in history.anomalies:
                 anomalies.append((resource, conn_id, obj_id, a.kind, a.at, a.event_id,
                                   list(a.paths), a.detail))
+        if closed:
+            await conn.execute(CLOSE_TAIL_SQL, *_columns(closed, 5))
         if versions:
             await conn.execute(INSERT_VERSIONS_SQL, *_columns(versions, 12))
         if changes:
@@ -261,9 +294,12 @@ async def write_histories(conn: asyncpg.Connection, histories: dict[ObjectKey, H
             # Each row's paths travel as one text[] literal, cast back in the statement.
             rows = [(*a[:6], _array_literal(a[6]), a[7]) for a in anomalies]
             await conn.execute(UPSERT_ANOMALIES_SQL, *_columns(rows, 8))
-        new_keys = _columns([a[:6] for a in anomalies], 6)
-        await conn.execute(RESOLVE_ANOMALIES_SQL, *params, *new_keys)
-        await conn.execute(CLEAR_POISON_SQL, *params)
+        if full:
+            # Only a full fold knows every anomaly of an object; what it no longer finds was
+            # explained by a later delivery.
+            found = _columns([a[:6] for a in anomalies if (a[0], a[1], a[2]) in set(full)], 6)
+            await conn.execute(RESOLVE_ANOMALIES_SQL, *params, *found)
+            await conn.execute(CLEAR_POISON_SQL, *params)
         await _write_current(conn, histories)
     if poisoned:
         rows = [(*key, reason, position) for key, (reason, position) in poisoned.items()]
@@ -511,6 +547,36 @@ async def refresh_gauges(conn: asyncpg.Connection, metrics: Metrics) -> None:
     metrics.poisoned.set(await conn.fetchval("SELECT count(*) FROM mirror.poison"))
 
 
+async def _append_where_possible(conn: asyncpg.Connection,
+                                 fresh: dict[ObjectKey, list[Event]],
+                                 ) -> tuple[dict[ObjectKey, History], list[ObjectKey]]:
+    """Fold each object's new events onto its stored last version when they all come after
+    it (the common case: the cost does not grow with the object's history). Returns those
+    histories and the objects that need a full re-fold from the log instead."""
+    tails = {(r["resource"], r["connection_id"], r["object_id"]): r
+             for r in await conn.fetch(TAILS_SQL, *_objects_params(fresh))}
+    histories: dict[ObjectKey, History] = {}
+    slow: list[ObjectKey] = []
+    for key, events in fresh.items():
+        row = tails.get(key)
+        resource = registry.by_name(key[0])
+        if row is None or row["poisoned"] or resource is None:
+            slow.append(key)
+            continue
+        tail = Version(row["seq"], row["valid_from"], row["valid_to"], row["data"],
+                       row["event_id"], row["event_type"], row["derived"], row["known_from"],
+                       row["position"])
+        try:
+            history = fold_append(resource, tail, events)
+        except Exception:
+            history = None  # the full fold below records the reason if it fails too
+        if history is None:
+            slow.append(key)
+        else:
+            histories[key] = history
+    return histories, slow
+
+
 async def project_batch(conn: asyncpg.Connection, part: int, batch_size: int,
                         metrics: Metrics | None = None) -> int:
     """One guarded batch inside the caller's transaction. Returns rows consumed (0: idle or
@@ -529,8 +595,14 @@ async def project_batch(conn: asyncpg.Connection, part: int, batch_size: int,
         if row["unusable_reason"] is None and row["resource"] is not None:
             keys[(row["resource"], row["connection_id"], row["object_id"])] = row["position"]
     if keys:
-        loaded = await conn.fetch(LOAD_SQL, *_objects_params(keys))
-        histories, poisoned = fold_objects(events_from_rows(loaded), keys)
+        fresh = events_from_rows(r for r in rows if r["unusable_reason"] is None
+                                 and r["resource"] is not None)
+        histories, slow = await _append_where_possible(conn, fresh)
+        poisoned: dict[ObjectKey, tuple[str, int]] = {}
+        if slow:
+            loaded = await conn.fetch(LOAD_SQL, *_objects_params(slow))
+            refolded, poisoned = fold_objects(events_from_rows(loaded), keys)
+            histories.update(refolded)
         await write_guarded(conn, histories, poisoned, keys)
     last = rows[-1]
     moved = await conn.execute(
