@@ -7,6 +7,7 @@ events: the events are sorted by the object's own time before anything else happ
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ class History:
         return self.versions[-1] if self.versions else None
 
 
+@functools.lru_cache(maxsize=65536)
 def ksuid_time(message_id: str) -> datetime | None:
     """The creation time encoded in a Svix message id (``msg_`` + 27-char KSUID), if any."""
     text = message_id.rsplit("_", 1)[-1]

@@ -86,7 +86,7 @@ class Appender:
     commit cost is shared by every request that arrived meanwhile.
     """
 
-    def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 512, flushers: int = 2,
+    def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 512, flushers: int = 4,
                  timeout: float = 10.0) -> None:
         self._pool = pool
         self._max_batch = max_batch

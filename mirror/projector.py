@@ -111,12 +111,16 @@ SELECT k.resource, k.connection_id, k.object_id, t.seq, t.valid_from, t.valid_to
        EXISTS (SELECT 1 FROM mirror.poison p WHERE p.resource = k.resource
                AND p.object_id = k.object_id AND p.connection_id = k.connection_id) AS poisoned
 FROM {_OBJECTS}
-JOIN LATERAL (
+LEFT JOIN LATERAL (
     SELECT * FROM mirror.versions v
     WHERE v.resource = k.resource AND v.object_id = k.object_id
       AND v.connection_id = k.connection_id
     ORDER BY v.seq DESC LIMIT 1) t ON true
 """
+# The events of some objects up to the end of the current batch: a full re-fold must not
+# take in events that later batches will bring, or every later batch would find them
+# already folded and re-fold again.
+LOAD_UPTO_SQL = LOAD_SQL + "  AND (e.txid, e.position) <= ($4::xid8, $5::bigint)\n"
 UPSERT_ANOMALIES_SQL = """
 INSERT INTO mirror.anomalies (resource, connection_id, object_id, kind, at, event_id, paths,
                               detail)
@@ -558,10 +562,18 @@ async def _append_where_possible(conn: asyncpg.Connection,
     histories: dict[ObjectKey, History] = {}
     slow: list[ObjectKey] = []
     for key, events in fresh.items():
-        row = tails.get(key)
+        row = tails[key]
         resource = registry.by_name(key[0])
-        if row is None or row["poisoned"] or resource is None:
+        if row["poisoned"] or resource is None:
             slow.append(key)
+            continue
+        if row["seq"] is None:
+            # No stored version and not poisoned: every projectable event of this object so
+            # far is in this batch, so folding them is the full fold.
+            try:
+                histories[key] = fold(resource, events)
+            except Exception:
+                slow.append(key)
             continue
         tail = Version(row["seq"], row["valid_from"], row["valid_to"], row["data"],
                        row["event_id"], row["event_type"], row["derived"], row["known_from"],
@@ -600,7 +612,9 @@ async def project_batch(conn: asyncpg.Connection, part: int, batch_size: int,
         histories, slow = await _append_where_possible(conn, fresh)
         poisoned: dict[ObjectKey, tuple[str, int]] = {}
         if slow:
-            loaded = await conn.fetch(LOAD_SQL, *_objects_params(slow))
+            last = rows[-1]
+            loaded = await conn.fetch(LOAD_UPTO_SQL, *_objects_params(slow), last["txid"],
+                                      last["position"])
             refolded, poisoned = fold_objects(events_from_rows(loaded), keys)
             histories.update(refolded)
         await write_guarded(conn, histories, poisoned, keys)

@@ -1,0 +1,1 @@
+"""Benchmarks for Trackstar Mirror: `make bench` (python -m bench)."""

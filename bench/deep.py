@@ -1,0 +1,177 @@
+"""The database-heavy figures: a cold projector over a large pre-loaded log, a rebuild of it,
+object_as_of at 1 / 100 / 10,000 versions and table_as_of over 100,000 objects."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+
+from bench.load import percentile
+from bench.workload import T0, generate
+from mirror import envelope
+from mirror.db import init_connection, migrate
+from mirror.log import Record, insert_records
+from mirror.projector import PARTITIONS, project_batch
+from mirror.rebuild import rebuild
+
+ROOT = Path(__file__).resolve().parent.parent
+BEHIND_SQL = """
+SELECT count(*) FROM mirror.checkpoints c WHERE EXISTS (
+  SELECT 1 FROM mirror.events e WHERE e.part = c.part
+  AND (e.txid, e.position) > (c.last_txid, c.last_position))
+"""
+
+
+def _records(total: int) -> list[Record]:
+    """``total`` log records: a generated stream replayed for several connections."""
+    copies = 5
+    base = generate(total // copies + 1, seed=5, updates_per_object=3)
+    out: list[Record] = []
+    received = T0 + timedelta(days=2)
+    for k in range(copies):
+        for d in base:
+            body = d.body.replace('"conn_bench"', f'"conn_bench_{k}"')
+            msg = d.msg_id[:-2] + f"{k:02d}"
+            out.append(Record(msg, received, received, "webhook",
+                              envelope.parse(body.encode())))
+            if len(out) == total:
+                return out
+    return out
+
+
+async def _load(dsn: str, records: list[Record]) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await init_connection(conn)
+        await migrate(conn)
+        for start in range(0, len(records), 5000):
+            await insert_records(conn, records[start : start + 5000])
+    finally:
+        await conn.close()
+
+
+async def _wait_caught_up(dsn: str, timeout: float) -> float:
+    conn = await asyncpg.connect(dsn)
+    started = time.perf_counter()
+    try:
+        while time.perf_counter() - started < timeout:
+            if await conn.fetchval(BEHIND_SQL) == 0:
+                return time.perf_counter() - started
+            await asyncio.sleep(0.25)
+    finally:
+        await conn.close()
+    raise TimeoutError("projector did not catch up")
+
+
+def _projector(dsn: str, events: int) -> dict[str, Any]:
+    env = {**os.environ, "DATABASE_URL": dsn, "MIRROR_LOG_LEVEL": "WARNING"}
+    procs = [subprocess.Popen([sys.executable, "-m", "mirror", "project", "--workers", "1"],
+                              env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for _ in range(2)]
+    try:
+        seconds = asyncio.run(_wait_caught_up(dsn, 1800))
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=30)
+    return {"events": events, "seconds": round(seconds, 1), "processes": 2,
+            "events_per_s": round(events / seconds, 1)}
+
+
+async def _rebuild(dsn: str, events: int) -> float:
+    conn = await asyncpg.connect(dsn)
+    await init_connection(conn)
+    try:
+        started = time.perf_counter()
+        await rebuild(conn)
+        return round(events / (time.perf_counter() - started), 1)
+    finally:
+        await conn.close()
+
+
+async def _as_of(dsn: str) -> dict[str, Any]:
+    conn = await asyncpg.connect(dsn)
+    await init_connection(conn)
+    rng = random.Random(3)
+    try:
+        for depth in (1, 100, 10_000):
+            records = []
+            for v in range(depth):
+                at = T0 + timedelta(minutes=v)
+                data = {"id": f"deep_{depth}", "sku": "D", "onhand": v,
+                        "updated_date": at.isoformat().replace("+00:00", "Z")}
+                body = orjson.dumps({"connection_id": "conn_deep", "event_type":
+                                     "inventory.updated", "data": data})
+                records.append(Record(f"msg_deep_{depth}_{v}", at, at, "webhook",
+                                      envelope.parse(body)))
+            for start in range(0, len(records), 5000):
+                await insert_records(conn, records[start : start + 5000])
+        while True:
+            done = 0
+            for part in range(PARTITIONS):
+                async with conn.transaction():
+                    done += await project_batch(conn, part, 20_000)
+            if done == 0:
+                break
+        await conn.execute("ANALYZE mirror.versions")
+        statement = await conn.prepare("SELECT mirror.object_as_of('inventory', $1, $2)")
+        out: dict[str, Any] = {}
+        for depth in (1, 100, 10_000):
+            timings = []
+            for _ in range(2000):
+                at = T0 + timedelta(minutes=rng.uniform(0, depth))
+                started = time.perf_counter()
+                await statement.fetchval(f"deep_{depth}", at)
+                timings.append(time.perf_counter() - started)
+            out[str(depth)] = {"p50_ms": round(percentile(timings, 0.5) * 1000, 3),
+                               "p99_ms": round(percentile(timings, 0.99) * 1000, 3)}
+        return out
+    finally:
+        await conn.close()
+
+
+async def _table_as_of(dsn: str) -> dict[str, Any]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        resource, objects = await conn.fetchrow(
+            "SELECT resource, count(*) FROM mirror.objects WHERE connection_id LIKE "
+            "'conn_bench%' GROUP BY 1 ORDER BY 2 DESC LIMIT 1")
+        at = T0 + timedelta(hours=20)
+        timings = []
+        for _ in range(3):
+            started = time.perf_counter()
+            rows = await conn.fetchval(
+                "SELECT count(*) FROM mirror.table_as_of($1, $2)", resource, at)
+            timings.append(time.perf_counter() - started)
+        return {"resource": resource, "objects": objects, "rows_at_t": rows,
+                "ms": round(sorted(timings)[1] * 1000, 1)}
+    finally:
+        await conn.close()
+
+
+def run(admin_url: str, events: int) -> dict[str, Any]:
+    """Every deep figure, on a fresh database."""
+    from bench.__main__ import _fresh_db
+
+    dsn = asyncio.run(_fresh_db(admin_url, "bench_deep"))
+    started = time.perf_counter()
+    records = _records(events)
+    asyncio.run(_load(dsn, records))
+    print(f"  loaded {len(records)} events in {time.perf_counter() - started:.0f} s",
+          file=sys.stderr)
+    projector = _projector(dsn, len(records))
+    print(f"  projector: {projector['events_per_s']} events/s", file=sys.stderr)
+    projector["rebuild_events_per_s"] = asyncio.run(_rebuild(dsn, len(records)))
+    print(f"  rebuild: {projector['rebuild_events_per_s']} events/s", file=sys.stderr)
+    return {"projector": projector, "table_as_of": asyncio.run(_table_as_of(dsn)),
+            "as_of": asyncio.run(_as_of(dsn))}
