@@ -72,7 +72,7 @@ class Change:
 class Anomaly:
     """Something the set of events shows to be wrong or missing."""
 
-    kind: str            # 'missed_webhook' | 'conflict' | 'unplaceable'
+    kind: str  # 'missed_webhook' | 'inconsistent' | 'conflict' | 'unplaceable'
     at: datetime
     event_id: str
     paths: tuple[str, ...]
@@ -196,6 +196,7 @@ def _fold(resource: Resource, events: Sequence[Event], tail: Version | None) -> 
             else:
                 state = None
     anomalies: list[Anomaly] = []
+    _same_instant(received, anomalies)
     derived = _revealed(received, anomalies)
     if tail is not None and any(c.key() <= received[0].key() for c in derived):
         return None
@@ -218,9 +219,13 @@ def _fold(resource: Resource, events: Sequence[Event], tail: Version | None) -> 
 
 
 def _revealed(received: list[_Candidate], anomalies: list[Anomaly]) -> list[_Candidate]:
-    """States revealed by reverting each update's previous_attributes, at their own time."""
+    """States revealed by reverting each update's previous_attributes, at their own time.
+
+    A revealed state without a time of its own is checked against the received state just
+    before it instead: a difference means a change whose webhook never arrived, at a time
+    nobody told us ('inconsistent')."""
     out: list[_Candidate] = []
-    for cand in received:
+    for index, cand in enumerate(received):
         event = cand.event
         previous = event.previous_attributes
         if not previous or cand.data is None or event.data is not cand.data:
@@ -233,9 +238,27 @@ def _revealed(received: list[_Candidate], anomalies: list[Anomaly]) -> list[_Can
             continue
         at = parse_time(before.get("updated_date")) if "updated_date" in previous else None
         if at is None or at >= cand.valid_from:
-            continue  # no own time: the revealed state only serves as a consistency check
+            prior = received[index - 1] if index else None
+            if prior is not None and prior.data is not None:
+                # The revealed state keeps the update's own timestamps when previous_attributes
+                # does not carry them: those are not a difference.
+                differing = tuple(p for p, old, new in paths.changes(prior.data, before)
+                                  if not (old is None and new is None)
+                                  and p not in _TIME_FIELDS)
+                if differing:
+                    anomalies.append(Anomaly("inconsistent", cand.valid_from, event.event_id,
+                                             differing, {"after": prior.event.event_id}))
+            continue
         out.append(_Candidate(at, True, cand.tie, cand.position, event, before))
     return out
+
+
+def _same_instant(received: list[_Candidate], anomalies: list[Anomaly]) -> None:
+    """Two received events claiming one instant with different states: the later in order
+    wins (svix-id time, then log position) and the other is recorded as a conflict."""
+    for before, after in itertools.pairwise(received):
+        if before.valid_from == after.valid_from and before.data != after.data:
+            anomalies.append(_conflict(before, after))
 
 
 def _place(received: list[_Candidate], derived: list[_Candidate],

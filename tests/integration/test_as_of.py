@@ -301,3 +301,26 @@ async def test_object_as_of_is_one_index_probe_at_ten_thousand_versions(
     assert probes[("deep", 5_000)] <= probes[("shallow", 10)] + 2
     assert probes[("deep", 9_999)] <= probes[("shallow", 10)] + 2
     assert (await as_of(conn, 5_000, object_id="deep"))["onhand"] == 5_000 % 97
+
+
+async def test_revealed_state_without_time_is_checked_for_consistency(
+        conn: asyncpg.Connection) -> None:
+    await append(conn, item(0, 1, kind="inventory.created"))
+    # The update says onhand was 4 just before, but the last state we received had 1 and it
+    # does not say when that changed: a missed change at an unknown time.
+    await append(conn, item(20, 9, previous={"onhand": 4}))
+    await project_all(conn)
+    anomaly = await conn.fetchrow("SELECT kind, paths, at FROM mirror.anomalies")
+    assert anomaly["kind"] == "inconsistent" and anomaly["paths"] == ["onhand"]
+    assert anomaly["at"] == at(20)
+    history = await conn.fetch("SELECT derived FROM mirror.object_history('inventory', 'inv_1')")
+    assert [h["derived"] for h in history] == [False, False]  # nothing placed at a guess
+
+
+async def test_two_received_states_for_one_instant_are_a_conflict(
+        conn: asyncpg.Connection) -> None:
+    await append(conn, item(10, 1, kind="inventory.created"), item(10, 2))
+    await project_all(conn)
+    anomaly = await conn.fetchrow("SELECT kind, paths FROM mirror.anomalies")
+    assert anomaly["kind"] == "conflict" and anomaly["paths"] == ["onhand"]
+    assert (await as_of(conn, 10))["onhand"] == 2  # the later svix-id / log position wins
