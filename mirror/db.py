@@ -7,15 +7,14 @@ pool made here.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
-import orjson
 
+from mirror.envelope import dumps, loads
 from mirror.errors import DatabaseUnavailable
 from projections import registry
 from projections.base import Column, Resource
@@ -54,28 +53,14 @@ async def guarded(call: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 def json_text(value: Any) -> str | None:
     """JSON text of ``value`` for a text parameter cast to jsonb; None stays SQL NULL."""
-    return None if value is None else _json_dumps(value)
-
-
-def _json_dumps(value: Any) -> str:
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:  # integers beyond 64 bits
-        return json.dumps(value, ensure_ascii=False, allow_nan=False)
-
-
-def _json_loads(text: str) -> Any:
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
+    return None if value is None else dumps(value)
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
     """jsonb and json values travel as Python objects on every connection."""
     for name in ("jsonb", "json"):
-        await conn.set_type_codec(name, schema="pg_catalog", encoder=_json_dumps,
-                                  decoder=_json_loads, format="text")
+        await conn.set_type_codec(name, schema="pg_catalog", encoder=dumps,
+                                  decoder=loads, format="text")
 
 
 async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10,

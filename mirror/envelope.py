@@ -58,7 +58,8 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
-def _loads(text: bytes) -> Any:
+def loads(text: bytes | str) -> Any:
+    """Parse JSON text; integers beyond 64 bits and all standard JSON are accepted."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -103,7 +104,8 @@ def _scrub(value: Any, depth: int = 0) -> tuple[Any, bool]:
     return value, False
 
 
-def _dumps(value: Any) -> str:
+def dumps(value: Any) -> str:
+    """Compact JSON text of ``value`` (integers beyond 64 bits too)."""
     try:
         return orjson.dumps(value).decode()
     except TypeError:  # integers beyond 64 bits
@@ -114,7 +116,7 @@ def parse(raw: bytes) -> Envelope:
     """Parse and redact one authentic body. Never raises."""
     digest = hashlib.sha256(raw).digest()
     try:
-        doc = _loads(raw)
+        doc = loads(raw)
     except (ValueError, RecursionError, UnicodeDecodeError):
         text = raw.decode("utf-8", errors="replace")
         redacted_text, count = _CREDENTIAL_TEXT.subn(rf'\1"{REDACTED}"', text)
@@ -127,7 +129,7 @@ def parse(raw: bytes) -> Envelope:
         redacted_text, count = _CREDENTIAL_TEXT.subn(rf'\1"{REDACTED}"', text)
         return Envelope(redacted_text.encode() if count else raw, digest, bool(count),
                         unusable_reason=f"body cannot be stored as JSON: {exc}")
-    body = _dumps(clean).encode() if changed else raw
+    body = dumps(clean).encode() if changed else raw
     base = Envelope(body, digest, changed)
     if not isinstance(clean, dict):
         return _with(base, unusable_reason="body is not a JSON object")
@@ -145,8 +147,8 @@ def parse(raw: bytes) -> Envelope:
         integration_type=text_field("integration_type"),
         event_type=event_type,
         kind=normalise_kind(event_type) if event_type else None,
-        data=_dumps(data) if isinstance(data, dict) else None,
-        previous_attributes=_dumps(previous) if isinstance(previous, dict) else None,
+        data=dumps(data) if isinstance(data, dict) else None,
+        previous_attributes=dumps(previous) if isinstance(previous, dict) else None,
     )
     if event_type is None:
         return _with(base, **fields, unusable_reason="missing or invalid event_type")

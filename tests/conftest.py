@@ -91,6 +91,15 @@ async def pool(db_url: str) -> AsyncIterator[asyncpg.Pool]:
     await p.close()
 
 
+@pytest.fixture
+async def conn(db_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """One connection to the test's database, JSON codecs set."""
+    c = await asyncpg.connect(db_url)
+    await init_connection(c)
+    yield c
+    await c.close()
+
+
 def make_settings(db_url: str, **overrides: object) -> Settings:
     values: dict[str, object] = dict(
         database_url=db_url, webhook_secrets=(SECRET,), api_token=API_TOKEN,

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,14 +24,6 @@ T0 = datetime(2025, 3, 1, 10, 0, tzinfo=UTC)
 
 def at(minutes: int) -> datetime:
     return T0 + timedelta(minutes=minutes)
-
-
-@pytest.fixture
-async def conn(db_url: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(db_url)
-    await init_connection(c)
-    yield c
-    await c.close()
 
 
 def item(minutes: int, onhand: int, kind: str = "inventory.updated",

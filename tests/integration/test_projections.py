@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,14 +16,6 @@ from mirror.rebuild import rebuild
 from mirror.status import gather
 from tests.logtools import append, project_all, record, snapshot
 from tests.signing import envelope
-
-
-@pytest.fixture
-async def conn(db_url: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(db_url)
-    await init_connection(c)
-    yield c
-    await c.close()
 
 
 def order(order_id: str, updated: str, status: str, *, kind: str = "order.created",
