@@ -174,3 +174,28 @@ CREATE TABLE IF NOT EXISTS mirror.poison (
     recorded_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (resource, object_id, connection_id)
 );
+
+-- ---------------------------------------------------------------------------------------------
+-- Backfill from the Trackstar REST API (mirror/backfill.py).
+-- ---------------------------------------------------------------------------------------------
+-- One row per walk of a list endpoint: connection, endpoint path and the filters repeated on
+-- every page (canonical 'key=value&...' text, '' for none). page_token is the token of the next
+-- page to fetch (NULL: the first page, or none left once finished_at is set). It moves in the
+-- same transaction as the events of the page it follows, guarded by its previous value, so a
+-- crashed backfill resumes after the last committed page and never commits a page twice. The
+-- access token is never stored here (nor anywhere else).
+CREATE TABLE IF NOT EXISTS mirror.backfill_progress (
+    connection_id text NOT NULL,
+    endpoint      text NOT NULL,                   -- e.g. /wms/orders, /wms/warehouses/w1/locations
+    filters       text NOT NULL DEFAULT '',        -- e.g. updated_date[gte]=2025-01-01T00:00:00Z
+    resource      text NOT NULL,
+    page_token    text,
+    pages         integer NOT NULL DEFAULT 0,      -- pages committed by the current walk
+    objects       bigint NOT NULL DEFAULT 0,       -- objects received by the current walk
+    appended      bigint NOT NULL DEFAULT 0,       -- of which new to mirror.events
+    total_count   bigint,                          -- as the API last reported it
+    started_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    finished_at   timestamptz,                     -- NULL while a walk is under way
+    PRIMARY KEY (connection_id, endpoint, filters)
+);

@@ -222,6 +222,78 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_settings(args: argparse.Namespace, *, need_access_token: bool = True) -> Any:
+    from mirror.trackstar_api import ApiSettings
+
+    return ApiSettings.from_env(os.environ, access_token=getattr(args, "access_token", None),
+                                need_access_token=need_access_token)
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from mirror.backfill import backfill, render_results
+    from mirror.trackstar_api import TrackstarClient
+
+    api = _api_settings(args)
+    since = _parse_time_arg(args.since, "--since")
+    url = database_url()
+
+    async def run() -> Any:
+        await _migrate(url)
+        async with connect(url, timeout=30) as conn, TrackstarClient(api) as client:
+            return await backfill(conn, client, args.connection_id, resources=args.resource,
+                                  since=since, page_size=args.page_size, progress=sys.stderr)
+
+    results = asyncio.run(run())
+    print(render_results(results))
+    appended = sum(r.appended for r in results)
+    print(f"{appended:,} new events appended; the projection workers (mirror serve or "
+          "mirror project) fold them into the current-state tables")
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def cmd_fetch_truncated(args: argparse.Namespace) -> int:
+    from mirror.backfill import fetch_truncated
+    from mirror.trackstar_api import TrackstarClient
+
+    api = _api_settings(args, need_access_token=False)
+    url = database_url()
+
+    async def run() -> Any:
+        async with connect(url, timeout=30) as conn, TrackstarClient(api) as client:
+            return await fetch_truncated(conn, client, connection_id=args.connection_id,
+                                         limit=args.limit)
+
+    results = asyncio.run(run())
+    for result in results:
+        suffix = f": {result.message}" if result.message else ""
+        print(f"{result.event_id}: {result.status}{suffix}")
+    fetched = sum(1 for r in results if r.status == "fetched")
+    print(f"{len(results)} truncated deliveries, {fetched} completed")
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from mirror.reconcile import as_json, reconcile, render
+    from mirror.trackstar_api import TrackstarClient
+
+    api = _api_settings(args)
+    url = database_url()
+
+    async def run() -> Any:
+        await _migrate(url)
+        async with connect(url, timeout=30) as conn, TrackstarClient(api) as client:
+            return await reconcile(conn, client, args.connection_id, resources=args.resource,
+                                   repair=args.repair, page_size=args.page_size)
+
+    reports = asyncio.run(run())
+    if args.json:
+        print(json.dumps(as_json(reports), indent=2, default=str))
+    else:
+        print(render(reports, repair=args.repair))
+    standing = any(r.status == "failed" or r.unrepaired for r in reports)
+    return 1 if standing else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirror", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -259,6 +331,34 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--event-type", default="order.created")
     sample.add_argument("--id", default=None, help="object id (default: random)")
     sample.set_defaults(func=cmd_send_sample)
+    token_help = ("the connection's access token (default: MIRROR_TRACKSTAR_ACCESS_TOKEN, "
+                  "which keeps it out of the process list); never stored or logged")
+    fill = sub.add_parser("backfill", help="append every object the Trackstar API lists as "
+                          "snapshot events (resumable)")
+    fill.add_argument("--connection-id", required=True)
+    fill.add_argument("--resource", action="append", default=None,
+                      help="a resource to backfill (repeatable; default: all)")
+    fill.add_argument("--since", default=None,
+                      help="only objects updated at or after this ISO 8601 time")
+    fill.add_argument("--access-token", default=None, help=token_help)
+    fill.add_argument("--page-size", type=int, default=1000, help="objects per page (max 1000)")
+    fill.set_defaults(func=cmd_backfill)
+    fetch = sub.add_parser("fetch-truncated", help="complete truncated deliveries through "
+                           "their data_url (needs MIRROR_TRACKSTAR_API_KEY)")
+    fetch.add_argument("--connection-id", default=None, help="only this connection")
+    fetch.add_argument("--limit", type=int, default=1000)
+    fetch.set_defaults(func=cmd_fetch_truncated)
+    rec = sub.add_parser("reconcile", help="compare current state with the Trackstar API; "
+                         "--repair appends what is missing or newer")
+    rec.add_argument("--connection-id", required=True)
+    rec.add_argument("--resource", action="append", default=None,
+                     help="a resource to compare (repeatable; default: all)")
+    rec.add_argument("--repair", action="store_true",
+                     help="append snapshot events (origin reconcile) and record the drift")
+    rec.add_argument("--json", action="store_true")
+    rec.add_argument("--access-token", default=None, help=token_help)
+    rec.add_argument("--page-size", type=int, default=1000, help="objects per page (max 1000)")
+    rec.set_defaults(func=cmd_reconcile)
     return parser
 
 

@@ -1,0 +1,297 @@
+"""Reconcile: compare the mirror's current state with the Trackstar API's lists, report the
+drift, and optionally repair it with snapshot events.
+
+Drift comes in three kinds: an object the API lists that the mirror lacks (``missing_here``),
+an object the mirror holds that the API no longer lists (``missing_there``), and an object whose
+state differs (``differs``, by dotted path, as mirror.paths.changes writes them).
+
+``--repair`` appends the API's state as a snapshot event (origin ``reconcile``, routed as
+``<resource>.updated``, exactly like a backfill snapshot) for every object missing here and every
+differing object whose API state is not older than the mirror's: the mirror never goes back in
+time because a list was stale (a newer webhook wins, as CONTRACT §5 says). A repair's event id
+is ``reconcile_`` + a KSUID carrying the time of the reconciliation, so when the API state has
+the same ``updated_date`` as the mirror's (a change the WMS made without touching it), the fold's
+svix-id-time tie-break puts the repair after what the mirror had. Objects missing there cannot be
+repaired by an event (the resources the API lists have no delete events); they are reported.
+Every drift found by ``--repair`` is recorded in ``mirror.anomalies`` (kind ``drift``), resolved
+at once when repaired.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from mirror import paths
+from mirror.backfill import Snapshot, endpoints_of, list_all, select_resources, snapshot
+from mirror.db import json_text
+from mirror.log import Record, insert_records
+from mirror.trackstar_api import (
+    MAX_PAGE_SIZE,
+    AuthFailed,
+    TrackstarClient,
+    TrackstarError,
+    Unsupported,
+)
+from projections.base import Resource, parse_time
+
+log = logging.getLogger("mirror.reconcile")
+
+REPAIR_PREFIX = "reconcile_"
+_KSUID_EPOCH = 1_400_000_000
+_B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+INTEGRATION_SQL = """
+SELECT integration_name FROM mirror.connections WHERE connection_id = $1 AND id = $1
+"""
+# Events of this connection and these resources that the projection has not folded yet: while
+# there are any, the current state lags the log and drift may only be that lag.
+UNPROJECTED_SQL = """
+SELECT count(*)
+FROM mirror.events e
+JOIN mirror.checkpoints c ON c.part = e.part
+WHERE (e.txid, e.position) > (c.last_txid, c.last_position)
+  AND e.connection_id = $1 AND e.resource = ANY($2::text[]) AND e.unusable_reason IS NULL
+"""
+RECORD_DRIFT_SQL = """
+INSERT INTO mirror.anomalies (resource, connection_id, object_id, kind, at, event_id, paths,
+                              detail, resolved_at, resolved_by)
+SELECT r, $1, o, 'drift', $2::timestamptz, e,
+       ARRAY(SELECT jsonb_array_elements_text(p::jsonb)), d::jsonb,
+       CASE WHEN fixed THEN $2::timestamptz END, CASE WHEN fixed THEN 'reconcile --repair' END
+FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::boolean[])
+     AS u(r, o, e, p, d, fixed)
+ON CONFLICT (resource, object_id, connection_id, kind, at, event_id) DO NOTHING
+"""
+
+
+def repair_event_id(at: datetime, digest: bytes) -> str:
+    """``reconcile_`` + a KSUID: ``at`` in its first 4 bytes, then 16 bytes of ``digest``."""
+    seconds = max(0, min(int(at.timestamp()) - _KSUID_EPOCH, 2**32 - 1))
+    number = (seconds << 128) | int.from_bytes(digest[:16], "big")
+    chars = []
+    for _ in range(27):
+        number, digit = divmod(number, 62)
+        chars.append(_B62[digit])
+    return REPAIR_PREFIX + "".join(reversed(chars))
+
+
+@dataclass
+class Drift:
+    """One object on which the mirror and the API disagree."""
+
+    object_id: str
+    kind: str                                   # missing_here | missing_there | differs
+    changes: list[tuple[str, Any, Any]] = field(default_factory=list)  # path, mirror, API
+    mirror_updated: str | None = None
+    api_updated: str | None = None
+    repairable: bool = False
+    reason: str = ""                            # why it cannot be repaired
+    repaired: bool = False
+    event_id: str | None = None                 # the repair event
+
+
+@dataclass
+class ResourceDrift:
+    """The comparison of one resource."""
+
+    resource: str
+    status: str = "ok"            # ok | unsupported | failed
+    api_objects: int = 0
+    mirror_objects: int = 0
+    unprojected: int = 0          # events not folded yet when the comparison ran
+    skipped: int = 0              # API objects without a usable id
+    drifts: list[Drift] = field(default_factory=list)
+    message: str = ""
+
+    @property
+    def unrepaired(self) -> int:
+        """Drift still standing after this run."""
+        return sum(1 for d in self.drifts if not d.repaired)
+
+
+_MIRROR_SQL: dict[str, str] = {}
+
+
+def _mirror_sql(resource: Resource) -> str:
+    # The table name comes from the registry (checked identifiers), never from input.
+    found = _MIRROR_SQL.get(resource.name)
+    if found is None:
+        found = _MIRROR_SQL[resource.name] = (
+            f"SELECT id, data FROM mirror.{resource.table} WHERE connection_id = $1")
+    return found
+
+
+def _time_of(data: dict[str, Any] | None) -> datetime | None:
+    if data is None:
+        return None
+    for name in ("updated_date", "trackstar_updated_date"):
+        parsed = parse_time(data.get(name))
+        if parsed is not None:
+            return parsed
+    return None
+
+
+def compare(mirror: dict[str, dict[str, Any]], api: dict[str, Snapshot]) -> list[Drift]:
+    """The drift between the mirror's current objects and the API's, sorted by id."""
+    drifts: list[Drift] = []
+    for object_id in sorted(mirror.keys() | api.keys()):
+        here = mirror.get(object_id)
+        there = api[object_id].data if object_id in api else None
+        here_time, there_time = _time_of(here), _time_of(there)
+        mirror_updated = here_time.isoformat() if here_time else None
+        api_updated = there_time.isoformat() if there_time else None
+        if here is None:
+            drifts.append(Drift(object_id, "missing_here", mirror_updated=mirror_updated,
+                                api_updated=api_updated, repairable=True))
+        elif there is None:
+            drifts.append(Drift(object_id, "missing_there", mirror_updated=mirror_updated,
+                                api_updated=api_updated,
+                                reason="the API no longer lists it and this resource has no "
+                                "delete event"))
+        else:
+            changed = paths.changes(here, there)
+            if not changed:
+                continue
+            drift = Drift(object_id, "differs", changed, mirror_updated=mirror_updated,
+                          api_updated=api_updated, repairable=True)
+            if here_time is not None and there_time is not None and there_time < here_time:
+                drift.repairable = False
+                drift.reason = "the mirror holds a newer version than the API lists"
+            drifts.append(drift)
+    return drifts
+
+
+async def reconcile(conn: asyncpg.Connection, client: TrackstarClient, connection_id: str, *,
+                    resources: Sequence[str] | None = None, repair: bool = False,
+                    page_size: int = MAX_PAGE_SIZE,
+                    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+                    ) -> list[ResourceDrift]:
+    """Compare each chosen resource (default: all with a list endpoint); with ``repair``,
+    append the API's state where it is missing or newer and record the drift."""
+    chosen = select_resources(resources)
+    integration = await conn.fetchval(INTEGRATION_SQL, connection_id)
+    reports: list[ResourceDrift] = []
+    for resource in chosen:
+        report = ResourceDrift(resource.name)
+        reports.append(report)
+        try:
+            api: dict[str, Snapshot] = {}
+            for endpoint in await endpoints_of(client, resource, page_size):
+                for obj in await list_all(client, endpoint, {}, page_size):
+                    snap = snapshot(resource, connection_id, integration, obj, "reconcile",
+                                    endpoint)
+                    if snap is None:
+                        report.skipped += 1
+                    else:
+                        api[snap.object_id] = snap
+        except Unsupported as exc:
+            report.status, report.message = "unsupported", str(exc)
+            continue
+        except AuthFailed:
+            raise
+        except TrackstarError as exc:
+            report.status, report.message = "failed", str(exc)
+            continue
+        report.unprojected = await conn.fetchval(UNPROJECTED_SQL, connection_id,
+                                                 [resource.name])
+        rows = await conn.fetch(_mirror_sql(resource), connection_id)
+        mirror = {row["id"]: row["data"] for row in rows}
+        report.api_objects, report.mirror_objects = len(api), len(mirror)
+        report.drifts = compare(mirror, api)
+        if repair and report.drifts:
+            await _repair(conn, connection_id, resource, report.drifts, api, now())
+        log.info("reconciled", extra={"resource": resource.name, "api": len(api),
+                                      "mirror": len(mirror), "drift": len(report.drifts),
+                                      "repaired": len(report.drifts) - report.unrepaired})
+    return reports
+
+
+async def _repair(conn: asyncpg.Connection, connection_id: str, resource: Resource,
+                  drifts: list[Drift], api: dict[str, Snapshot], at: datetime) -> None:
+    """Append the repairs and record the drift, in one transaction."""
+    run_label = f"reconcile@{at.isoformat()}"
+    records: list[Record] = []
+    for drift in drifts:
+        if drift.repairable:
+            snap = api[drift.object_id]
+            drift.event_id = repair_event_id(at, snap.digest(connection_id))
+            records.append(snap.record(drift.event_id, "reconcile", at))
+    rows: list[tuple[str, str, str, str, str, bool]] = []
+    for drift in drifts:
+        detail: dict[str, Any] = {"drift": drift.kind, "mirror_updated_date": drift.mirror_updated,
+                  "api_updated_date": drift.api_updated, "repaired": drift.repairable}
+        if drift.reason:
+            detail["reason"] = drift.reason
+        if drift.changes:
+            detail["changes"] = [{"path": p, "mirror": old, "api": new}
+                                 for p, old, new in drift.changes[:100]]
+        rows.append((resource.name, drift.object_id, drift.event_id or run_label,
+                     orjson.dumps([p for p, _, _ in drift.changes]).decode(),
+                     json_text(detail) or "{}", drift.repairable))
+    async with conn.transaction():
+        if records:
+            await insert_records(conn, records)
+        columns: list[list[Any]] = [[row[i] for row in rows] for i in range(6)]
+        await conn.execute(RECORD_DRIFT_SQL, connection_id, at, *columns)
+    for drift in drifts:
+        drift.repaired = drift.repairable
+
+
+def _short(value: Any) -> str:
+    text = orjson.dumps(value, default=str).decode()
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def render(reports: Sequence[ResourceDrift], *, repair: bool, limit: int = 50) -> str:
+    """The drift report as text."""
+    lines: list[str] = []
+    for report in reports:
+        if report.status != "ok":
+            lines.append(f"{report.resource}: {report.status.upper()}: {report.message}")
+            continue
+        head = (f"{report.resource}: {report.api_objects:,} in the API, "
+                f"{report.mirror_objects:,} in the mirror")
+        if not report.drifts:
+            lines.append(head + ": in line")
+        else:
+            kinds = {k: sum(1 for d in report.drifts if d.kind == k)
+                     for k in ("missing_here", "missing_there", "differs")}
+            lines.append(head + f": {len(report.drifts)} drifted (" + ", ".join(
+                f"{n} {k.replace('_', ' ')}" for k, n in kinds.items() if n) + ")")
+        if report.unprojected:
+            lines.append(f"  warning: {report.unprojected} events of this resource are not "
+                         "projected yet; some drift may only be projection lag")
+        for drift in report.drifts[:limit]:
+            text = f"  {drift.kind.replace('_', ' '):<13} {drift.object_id}"
+            if drift.changes:
+                text += "  " + "; ".join(f"{p}: {_short(old)} -> {_short(new)}"
+                                         for p, old, new in drift.changes[:5])
+                if len(drift.changes) > 5:
+                    text += f"; ... {len(drift.changes) - 5} more paths"
+            if drift.repaired:
+                text += "  [repaired]"
+            elif repair or drift.reason:
+                text += f"  [not repaired: {drift.reason or 'not repairable'}]"
+            lines.append(text)
+        if len(report.drifts) > limit:
+            lines.append(f"  ... and {len(report.drifts) - limit} more (see --json)")
+    return "\n".join(lines)
+
+
+def as_json(reports: Sequence[ResourceDrift]) -> list[dict[str, Any]]:
+    """The drift report as JSON-ready dicts."""
+    out = []
+    for report in reports:
+        item = asdict(report)
+        for drift in item["drifts"]:
+            drift["changes"] = [{"path": p, "mirror": old, "api": new}
+                                for p, old, new in drift["changes"]]
+        out.append(item)
+    return out
