@@ -55,7 +55,6 @@ from mirror.trackstar_api import (
     TrackstarClient,
     TrackstarError,
     Unsupported,
-    loads,
 )
 from projections import registry
 from projections.base import Resource, normalise_kind
@@ -131,7 +130,7 @@ def snapshot(resource: Resource, connection_id: str, integration_name: str | Non
     parsed = envelope_mod.parse(canonical_json(doc))
     if parsed.unusable_reason is not None or parsed.object_id is None or parsed.data is None:
         return None
-    data = loads(parsed.data.encode())
+    data = envelope_mod.loads(parsed.data)
     return Snapshot(resource, parsed.object_id, data, parsed)
 
 
@@ -552,7 +551,7 @@ async def fetch_truncated(conn: asyncpg.Connection, client: TrackstarClient, *,
     for row in rows:
         event_id = row["event_id"]
         try:
-            stub = loads(bytes(row["body"]))
+            stub = envelope_mod.loads(bytes(row["body"]))
             data_url = stub.get("data_url") if isinstance(stub, dict) else None
             if not isinstance(data_url, str) or not data_url:
                 raise MirrorError("the delivery carries no data_url")

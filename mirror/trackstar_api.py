@@ -10,7 +10,6 @@ part of an error message, and never sent to any host but the configured API.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -23,9 +22,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-import orjson
 from yarl import URL
 
+from mirror.envelope import loads
 from mirror.errors import ConfigError, MirrorError
 
 log = logging.getLogger("mirror.trackstar_api")
@@ -179,14 +178,6 @@ def retry_after_seconds(value: str | None, now: datetime | None = None) -> float
     if seconds != seconds:  # NaN
         return None
     return max(0.0, seconds)
-
-
-def loads(raw: bytes) -> Any:
-    """JSON from the API; integers beyond 64 bits are kept (the stdlib reads them)."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return json.loads(raw)
 
 
 def _error_text(raw: bytes) -> str:

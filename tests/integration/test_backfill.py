@@ -58,14 +58,6 @@ async def fake() -> AsyncIterator[FakeTrackstar]:
     await api.close()
 
 
-@pytest.fixture
-async def conn(db_url: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(db_url)
-    await init_connection(c)
-    yield c
-    await c.close()
-
-
 async def _admin(url: str, statement: str) -> None:
     c = await asyncpg.connect(url)
     try:
