@@ -135,6 +135,8 @@ UPDATE mirror.anomalies a SET resolved_at = now(), resolved_by = 'later delivery
 FROM {_OBJECTS}
 WHERE a.resource = k.resource AND a.object_id = k.object_id AND a.connection_id = k.connection_id
   AND a.resolved_at IS NULL
+  -- only the kinds the fold itself finds; others (reconcile's 'drift') are not its to close
+  AND a.kind IN ('missed_webhook', 'inconsistent', 'conflict', 'unplaceable')
   AND NOT EXISTS (
       SELECT 1 FROM unnest($4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[],
                            $9::text[]) AS n(resource, connection_id, object_id, kind, at, event_id)

@@ -306,3 +306,17 @@ async def test_object_the_database_refuses_is_poison_not_a_stall(
     await project_all(conn)
     assert await conn.fetchval("SELECT status FROM mirror.orders WHERE id = 'bad'") == "open"
     assert await conn.fetchval("SELECT count(*) FROM mirror.poison") == 0
+
+
+async def test_refold_resolves_only_the_anomalies_the_fold_finds(
+        conn: asyncpg.Connection) -> None:
+    await append(conn, order("o1", "2025-01-01T10:00:00Z", "open"))
+    await project_all(conn)
+    await conn.execute(
+        "INSERT INTO mirror.anomalies (resource, connection_id, object_id, kind, at, event_id) "
+        "VALUES ('order', 'conn_1', 'o1', 'drift', now(), 'reconcile_x')")
+    # An out-of-order event forces a full re-fold of the object.
+    await append(conn, order("o1", "2025-01-01T09:00:00Z", "open"))
+    await project_all(conn)
+    assert await conn.fetchval(
+        "SELECT resolved_at IS NULL FROM mirror.anomalies WHERE kind = 'drift'")
