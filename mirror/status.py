@@ -33,7 +33,11 @@ async def gather(conn: asyncpg.Connection) -> dict[str, Any]:
     poison = await conn.fetch(
         "SELECT resource, connection_id, object_id, reason FROM mirror.poison "
         "ORDER BY recorded_at DESC LIMIT 20")
+    backfills = await conn.fetch(
+        "SELECT connection_id, endpoint, objects, appended, total_count, pages, updated_at, "
+        "finished_at FROM mirror.backfill_progress ORDER BY updated_at DESC LIMIT 20")
     return {
+        "backfills": [dict(r) for r in backfills],
         "events": log["events"],
         "head_position": log["head"],
         "last_received": log["last_received"],
@@ -69,6 +73,13 @@ def render(report: dict[str, Any]) -> str:
     lines.append("anomalies:            " + (", ".join(
         f"{kind}: {v['open']} open, {v['resolved']} resolved"
         for kind, v in report["anomalies"].items()) or "none"))
+    if report["backfills"]:
+        lines.append("backfills:")
+        for b in report["backfills"]:
+            total = f"/{b['total_count']}" if b["total_count"] is not None else ""
+            state = "done" if b["finished_at"] else "in progress"
+            lines.append(f"  {b['connection_id']} {b['endpoint']}: {b['objects']}{total} objects, "
+                         f"{b['appended']} new, {b['pages']} pages, {state}")
     lines.append(f"poisoned objects:     {len(report['poisoned_objects'])}")
     for row in report["poisoned_objects"]:
         lines.append(f"  {row['resource']} {row['connection_id']}/{row['object_id']}: "
