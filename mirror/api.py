@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hmac
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 
 from mirror import history
+from mirror.db import guarded
 from mirror.errors import AmbiguousObject, BadRequest, DatabaseUnavailable
-from mirror.ingress import reason
+from mirror.ingress import expect_handler, reason
 from mirror.keys import POOL, SETTINGS
 from projections import registry
 from projections.base import parse_time
@@ -23,8 +25,21 @@ def _authorised(request: web.Request) -> bool:
     scheme, _, token = header.partition(" ")
     if not expected or scheme.lower() != "bearer":
         return False
-    # Constant time: the comparison does not reveal how much of the token matched.
-    return hmac.compare_digest(token.strip().encode(), expected.encode())
+    # Constant time: the comparison does not reveal how much of the token matched, nor its
+    # length. Header bytes that are not UTF-8 arrive as surrogates: compare them as they came.
+    given = token.strip().encode("utf-8", errors="surrogateescape")
+    return hmac.compare_digest(given, expected.encode())
+
+
+def _text_parameter(value: str, name: str) -> str:
+    """``value`` if the database can take it as text; BadRequest otherwise."""
+    if not value or len(value) > 2048 or "\x00" in value:
+        raise BadRequest(f"bad {name}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"bad {name}") from None
+    return value
 
 
 def _time(request: web.Request, name: str) -> datetime | None:
@@ -41,10 +56,17 @@ def _target(request: web.Request) -> tuple[str, str]:
     resource = registry.by_name(request.match_info["resource"])
     if resource is None:
         raise BadRequest(f"unknown resource {request.match_info['resource'][:64]!r}")
-    object_id = request.match_info["id"]
-    if not object_id or len(object_id) > 2048 or "\x00" in object_id:
-        raise BadRequest("bad object id")
-    return resource.name, object_id
+    return resource.name, _text_parameter(request.match_info["id"], "object id")
+
+
+def _connection(request: web.Request) -> str | None:
+    raw = request.query.get("connection_id")
+    return _text_parameter(raw, "connection_id") if raw else None
+
+
+def _acquire(request: web.Request) -> Any:
+    """A pooled connection, waiting no longer than the database timeout for one."""
+    return request.app[POOL].acquire(timeout=request.app[SETTINGS].db_timeout)
 
 
 async def get_object(request: web.Request) -> web.Response:
@@ -55,14 +77,18 @@ async def get_object(request: web.Request) -> web.Response:
         resource, object_id = _target(request)
         at = _time(request, "at")
         known_at = _time(request, "known_at")
-        connection_id = request.query.get("connection_id") or None
-        async with request.app[POOL].acquire() as conn:
-            found_connection, data = await history.object_as_of(
-                conn, resource, object_id, at or _FAR_FUTURE, connection_id, known_at)
+        connection_id = _connection(request)
+
+        async def read() -> tuple[str | None, Any]:
+            async with _acquire(request) as conn:
+                return await history.object_as_of(conn, resource, object_id, at or _FAR_FUTURE,
+                                                  connection_id, known_at)
+
+        found_connection, data = await guarded(read)
     except (BadRequest, AmbiguousObject) as exc:
         return reason(400, str(exc))
-    except (DatabaseUnavailable, OSError, TimeoutError):
-        return reason(503, "database unavailable")
+    except DatabaseUnavailable:
+        return reason(503, "database unavailable", **{"Retry-After": "5"})
     if data is None:
         return reason(404, "no state for that object at that time")
     return web.json_response({
@@ -79,13 +105,17 @@ async def get_history(request: web.Request) -> web.Response:
         return reason(401, "missing or wrong bearer token", **{"WWW-Authenticate": "Bearer"})
     try:
         resource, object_id = _target(request)
-        connection_id = request.query.get("connection_id") or None
-        async with request.app[POOL].acquire() as conn:
-            versions = await history.object_history(conn, resource, object_id, connection_id)
+        connection_id = _connection(request)
+
+        async def read() -> list[dict[str, Any]]:
+            async with _acquire(request) as conn:
+                return await history.object_history(conn, resource, object_id, connection_id)
+
+        versions = await guarded(read)
     except (BadRequest, AmbiguousObject) as exc:
         return reason(400, str(exc))
-    except (DatabaseUnavailable, OSError, TimeoutError):
-        return reason(503, "database unavailable")
+    except DatabaseUnavailable:
+        return reason(503, "database unavailable", **{"Retry-After": "5"})
     if not versions:
         return reason(404, "no such object")
     return web.json_response({"resource": resource, "id": object_id, "versions": versions})
@@ -93,5 +123,6 @@ async def get_history(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     """Register the read API on ``app``."""
-    app.router.add_get("/objects/{resource}/{id}/history", get_history)
-    app.router.add_get("/objects/{resource}/{id}", get_object)
+    app.router.add_get("/objects/{resource}/{id}/history", get_history,
+                       expect_handler=expect_handler)
+    app.router.add_get("/objects/{resource}/{id}", get_object, expect_handler=expect_handler)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
@@ -15,10 +17,39 @@ from mirror.projector import Projector
 from mirror.settings import Settings
 from mirror.verify import Verifier
 
+# Svix sends a handful of short headers; anything near these limits is not a webhook.
+MAX_LINE_SIZE = 8190      # request line and each header line, in bytes
+MAX_FIELD_SIZE = 8190     # one header's value, in bytes
+MAX_HEADERS = 64          # header lines per request
+LINGERING_SECONDS = 2.0   # how long an unread body is drained after an early answer
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """The aiohttp server limits (``web.run_app``/``AppRunner`` keyword arguments).
+
+    ``keepalive_timeout`` also bounds how long a connection may take to deliver a complete
+    request head: aiohttp arms it when the connection opens and after every answer, and closes
+    the connection if no full request has arrived by then (slowloris). Oversized request lines
+    and headers are answered 400 by the parser before any handler runs.
+    """
+    return {
+        "keepalive_timeout": float(settings.request_timeout),
+        "max_line_size": MAX_LINE_SIZE,
+        "max_field_size": MAX_FIELD_SIZE,
+        "max_headers": MAX_HEADERS,
+        "lingering_time": LINGERING_SECONDS,
+        # Svix signs the bytes it sends; a Content-Encoding would make the handler see other
+        # bytes (and a small gzip body can inflate to gigabytes): bodies are taken as sent.
+        "auto_decompress": False,
+    }
+
 
 def create_app(settings: Settings, *, project: bool = True) -> web.Application:
     """The service: webhook ingress, read API, operations endpoints and (optionally) the
     projection workers, all sharing one pool."""
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, ingress.MalformedRequestFilter) for f in server_log.filters):
+        server_log.addFilter(ingress.MalformedRequestFilter())
     app = web.Application(client_max_size=settings.max_body_bytes + 1)
     app[SETTINGS] = settings
     app[VERIFIER] = Verifier(settings.webhook_secrets)
@@ -27,7 +58,9 @@ def create_app(settings: Settings, *, project: bool = True) -> web.Application:
     async def database(app: web.Application) -> AsyncIterator[None]:
         pool = await create_pool(settings.database_url, max_size=10, timeout=settings.db_timeout)
         app[POOL] = pool
-        app[APPENDER] = Appender(pool)
+        # A commit that takes longer than db_timeout is answered 503 (Svix retries; if it did
+        # commit, the retry is a harmless duplicate), well within Svix's 15 s.
+        app[APPENDER] = Appender(pool, timeout=settings.db_timeout)
         projector = None
         if project:
             projector = Projector(pool, settings.database_url, workers=settings.workers,
@@ -42,10 +75,11 @@ def create_app(settings: Settings, *, project: bool = True) -> web.Application:
         await pool.close()
 
     app.cleanup_ctx.append(database)
-    app.router.add_post("/webhooks", ingress.webhook)
-    app.router.add_route("*", "/webhooks", ingress.wrong_method)
-    app.router.add_get("/healthz", ingress.healthz)
-    app.router.add_get("/readyz", ingress.readyz)
-    app.router.add_get("/metrics", ingress.metrics_endpoint)
+    expect = ingress.expect_handler
+    app.router.add_post("/webhooks", ingress.webhook, expect_handler=expect)
+    app.router.add_route("*", "/webhooks", ingress.wrong_method, expect_handler=expect)
+    app.router.add_get("/healthz", ingress.healthz, expect_handler=expect)
+    app.router.add_get("/readyz", ingress.readyz, expect_handler=expect)
+    app.router.add_get("/metrics", ingress.metrics_endpoint, expect_handler=expect)
     api.add_routes(app)
     return app

@@ -64,7 +64,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def _serve(settings: Settings, *, secret_files: dict[str, Path] | None = None,
            project: bool = True) -> int:
-    from mirror.app import create_app
+    from mirror.app import create_app, server_options
 
     asyncio.run(_migrate(settings.database_url))
     app = create_app(settings, project=project)
@@ -74,7 +74,8 @@ def _serve(settings: Settings, *, secret_files: dict[str, Path] | None = None,
     for name, path in (secret_files or {}).items():
         print(f"{name}: kept in {path.resolve()}", flush=True)
     web.run_app(app, host=settings.host, port=settings.port, print=None,
-                shutdown_timeout=10.0, handle_signals=True, access_log=None)
+                shutdown_timeout=10.0, handle_signals=True, access_log=None,
+                **server_options(settings))
     return 0
 
 

@@ -6,17 +6,22 @@ This is the only module that maps mirror errors to HTTP status codes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
 import time
 from datetime import UTC, datetime
 
 from aiohttp import web
+from aiohttp.http import HttpVersion11
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mirror import envelope
 from mirror.errors import DatabaseUnavailable, VerificationFailed
 from mirror.keys import APPENDER, METRICS, POOL, PROJECTOR, SETTINGS, VERIFIER
 from mirror.log import Record
+from mirror.projector import refresh_gauges
 
 log = logging.getLogger("mirror.ingress")
 
@@ -26,22 +31,151 @@ def reason(status: int, text: str, **headers: str) -> web.Response:
     return web.json_response({"error": text}, status=status, headers=headers or None)
 
 
+class LogBudget:
+    """At most ``per_second`` log lines a second for one kind of line.
+
+    A flood of forged or malformed requests must not become a flood of log lines (disk, CPU);
+    /metrics counts every request, and the next line written says how many were left out.
+    """
+
+    def __init__(self, per_second: int = 10) -> None:
+        self._per_second = per_second
+        self._window = 0
+        self._written = 0
+        self._suppressed = 0
+
+    def take(self) -> int | None:
+        """None if this line must be left out; else how many were left out before it."""
+        window = int(time.monotonic())
+        if window != self._window:
+            self._window, self._written = window, 0
+        if self._written >= self._per_second:
+            self._suppressed += 1
+            return None
+        self._written += 1
+        suppressed, self._suppressed = self._suppressed, 0
+        return suppressed
+
+
+_REFUSALS = LogBudget()
+
+
+def log_refusal(why: str, peer: str | None) -> None:
+    """Log one refused delivery, within the budget."""
+    suppressed = _REFUSALS.take()
+    if suppressed is None:
+        return
+    extra: dict[str, object] = {"reason": why, "peer": peer}
+    if suppressed:
+        extra["suppressed"] = suppressed
+    log.info("delivery refused", extra=extra)
+
+
+class MalformedRequestFilter(logging.Filter):
+    """For aiohttp's ``aiohttp.server`` logger: a request the HTTP parser refuses (answered
+    400 before any handler runs) becomes one short line, within a budget, instead of an error
+    with a traceback that quotes the offending bytes (which may be anything a client sent,
+    an Authorization header included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._budget = LogBudget()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        suppressed = self._budget.take()
+        if suppressed is None:
+            return False
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.msg, record.args, record.exc_info, record.exc_text = (
+            "malformed HTTP request refused", (), None, None)
+        record.status = exc.code
+        if suppressed:
+            record.suppressed = suppressed
+        return True
+
+
+_CREDENTIAL_TEXT = re.compile(
+    r'("(?:' + "|".join(re.escape(k) for k in sorted(envelope.CREDENTIAL_KEYS)) + r')"\s*:\s*)'
+    r'"(?:[^"\\]|\\.)*"', re.IGNORECASE)
+
+
+def parse(body: bytes) -> envelope.Envelope:
+    """envelope.parse, with a last resort: should it ever raise on an authentic body, the
+    delivery is still kept (whole, credentials redacted as text) and flagged unprojectable,
+    instead of being answered 500 and lost once Svix gives up."""
+    try:
+        return envelope.parse(body)
+    except Exception as exc:
+        log.error("envelope could not be parsed; kept as unprojectable",
+                  extra={"error": type(exc).__name__})
+        text, count = _CREDENTIAL_TEXT.subn(rf'\1"{envelope.REDACTED}"',
+                                            body.decode("utf-8", errors="replace"))
+        return envelope.Envelope(text.encode() if count else body,
+                                 hashlib.sha256(body).digest(), bool(count),
+                                 unusable_reason=f"body could not be parsed: "
+                                                 f"{type(exc).__name__}")
+
+
+async def expect_handler(request: web.Request) -> None:
+    """The ``Expect`` header: ``100-continue`` is honoured; anything else is answered 417.
+
+    aiohttp's own handler quotes the header in its 417 text, and a value that is not UTF-8
+    then fails to encode, which answered 500; this one does not echo it.
+    """
+    if request.version != HttpVersion11:
+        return
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer proper has not started
+        return
+    raise web.HTTPExpectationFailed(text='{"error": "unsupported Expect header"}',
+                                    content_type="application/json")
+
+
+async def read_body(request: web.Request, limit: int, timeout: float) -> bytes | None:
+    """The whole body, or None as soon as it exceeds ``limit`` bytes.
+
+    Reads until the end of the body, however it is split in segments or chunks, and raises
+    TimeoutError if it has not all arrived within ``timeout`` seconds (a slow client).
+    """
+    chunks: list[bytes] = []
+    size = 0
+    async with asyncio.timeout(timeout):
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+
+
 async def webhook(request: web.Request) -> web.Response:
     """POST /webhooks: verify on the raw bytes, append durably, then answer."""
     app = request.app
     metrics = app[METRICS]
     started = time.perf_counter()
     received_at = datetime.now(UTC)
-    limit = app[SETTINGS].max_body_bytes
+    settings = app[SETTINGS]
+    limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         metrics.requests.labels("too_large").inc()
         return reason(413, f"body larger than {limit} bytes")
     try:
-        body = await request.content.read(limit + 1)
-    except (asyncio.IncompleteReadError, ConnectionError):
+        body = await read_body(request, limit, settings.request_timeout)
+    except TimeoutError:
+        metrics.requests.labels("timeout").inc()
+        slow = reason(408, f"body not received within {settings.request_timeout:g} s")
+        slow.force_close()
+        return slow
+    except (asyncio.IncompleteReadError, ConnectionError, web.RequestPayloadError):
         metrics.requests.labels("aborted").inc()
         return reason(400, "body could not be read")
-    if len(body) > limit or not request.content.at_eof():
+    if body is None:
         metrics.requests.labels("too_large").inc()
         return reason(413, f"body larger than {limit} bytes")
     try:
@@ -49,9 +183,9 @@ async def webhook(request: web.Request) -> web.Response:
     except VerificationFailed as exc:
         metrics.requests.labels("unauthorized").inc()
         metrics.verification_failures.labels(str(exc)).inc()
-        log.info("delivery refused", extra={"reason": str(exc), "peer": request.remote})
+        log_refusal(str(exc), request.remote)
         return reason(401, str(exc))
-    parsed = envelope.parse(body)
+    parsed = parse(body)
     record = Record(delivery.message_id, received_at, delivery.timestamp, "webhook", parsed)
     try:
         new = await app[APPENDER].append(record)
@@ -105,12 +239,11 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics_endpoint(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format."""
     app = request.app
-    projector = app.get(PROJECTOR)
-    if projector is not None:
-        try:
-            async with asyncio.timeout(2.0), app[POOL].acquire() as conn:
-                await projector.refresh_metrics(conn, app[METRICS])
-        except Exception:
-            log.warning("metrics refresh failed")
+    try:
+        # The gauges describe the database, so an ingress-only process serves them too.
+        async with asyncio.timeout(2.0), app[POOL].acquire() as conn:
+            await refresh_gauges(conn, app[METRICS])
+    except Exception as exc:
+        log.warning("metrics refresh failed", extra={"error": type(exc).__name__})
     payload = generate_latest(app[METRICS].registry)
     return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})

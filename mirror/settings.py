@@ -14,7 +14,9 @@ from pathlib import Path
 from mirror.errors import ConfigError
 
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
+DEFAULT_REQUEST_TIMEOUT = 10
 SECRET_PREFIX = "whsec_"
+MIN_API_TOKEN = 16
 
 
 def parse_webhook_secrets(raw: str, variable: str = "MIRROR_WEBHOOK_SECRET") -> tuple[str, ...]:
@@ -67,6 +69,9 @@ class Settings:
     batch_size: int = 500
     poll_interval: float = 1.0
     db_timeout: float = 5.0
+    # How long a client may take to send a request's headers, or its body; also how long an
+    # idle keep-alive connection stays open. Slow clients are cut off after it.
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, database_url: str | None = None,
@@ -85,8 +90,9 @@ class Settings:
         else:
             secrets_ = parse_webhook_secrets(raw_secret)
         token = env.get("MIRROR_API_TOKEN", "").strip()
-        if require_secrets and len(token) < 16:
-            raise ConfigError("MIRROR_API_TOKEN must be set to a token of at least 16 characters")
+        if require_secrets and len(token) < MIN_API_TOKEN:
+            raise ConfigError(f"MIRROR_API_TOKEN must be set to a token of at least "
+                              f"{MIN_API_TOKEN} characters")
         return cls(
             database_url=url,
             webhook_secrets=secrets_,
@@ -96,6 +102,7 @@ class Settings:
             max_body_bytes=_int(env, "MIRROR_MAX_BODY_BYTES", DEFAULT_MAX_BODY, 1024, 1 << 30),
             workers=_int(env, "MIRROR_WORKERS", 2, 1, 16),
             batch_size=_int(env, "MIRROR_BATCH_SIZE", 500, 1, 100_000),
+            request_timeout=_int(env, "MIRROR_REQUEST_TIMEOUT", DEFAULT_REQUEST_TIMEOUT, 1, 300),
         )
 
 

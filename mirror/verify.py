@@ -11,8 +11,10 @@ from svix.webhooks import Webhook, WebhookVerificationError
 
 from mirror.errors import VerificationFailed
 
-_ID_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
-_TS_RE = re.compile(r"^\d{1,12}$")
+# ASCII only, matched whole (fullmatch: "$" would also accept a trailing newline, and "\d"
+# any Unicode digit, which float() would then accept as a timestamp).
+_ID_RE = re.compile(r"[\x21-\x7e]{1,255}")
+_TS_RE = re.compile(r"[0-9]{1,12}")
 _MAX_SIGNATURE_HEADER = 4096
 
 
@@ -49,9 +51,9 @@ class Verifier:
         signature = _header(headers, "signature")
         if not msg_id or not timestamp or not signature:
             raise VerificationFailed("missing svix-id, svix-timestamp or svix-signature header")
-        if not _ID_RE.match(msg_id):
+        if not _ID_RE.fullmatch(msg_id):
             raise VerificationFailed("malformed svix-id header")
-        if not _TS_RE.match(timestamp):
+        if not _TS_RE.fullmatch(timestamp):
             raise VerificationFailed("malformed svix-timestamp header")
         if len(signature) > _MAX_SIGNATURE_HEADER:
             raise VerificationFailed("svix-signature header too long")
