@@ -15,6 +15,7 @@ from mirror.log import Appender
 from mirror.metrics import Metrics
 from mirror.projector import Projector
 from mirror.settings import Settings
+from mirror.supervise import ProjectorProcess
 from mirror.verify import Verifier
 
 # Svix sends a handful of short headers; anything near these limits is not a webhook.
@@ -61,8 +62,13 @@ def create_app(settings: Settings, *, project: bool = True) -> web.Application:
         # A commit that takes longer than db_timeout is answered 503 (Svix retries; if it did
         # commit, the retry is a harmless duplicate), well within Svix's 15 s.
         app[APPENDER] = Appender(pool, timeout=settings.db_timeout)
-        projector = None
-        if project:
+        projector: Projector | ProjectorProcess | None = None
+        if project and settings.projector == "process":
+            projector = ProjectorProcess(settings.database_url, settings.workers,
+                                         settings.batch_size)
+            await projector.start()
+            app[PROJECTOR] = projector
+        elif project:
             projector = Projector(pool, settings.database_url, workers=settings.workers,
                                   batch_size=settings.batch_size,
                                   poll_interval=settings.poll_interval, metrics=app[METRICS])

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from mirror import logs
 from mirror.db import connect, migrate
-from mirror.errors import MirrorError
+from mirror.errors import DatabaseUnavailable, MirrorError
 from mirror.settings import Settings, ensure_local_secrets, masked_url
 
 DATA_DIR = Path(os.environ.get("MIRROR_DATA_DIR", ".data"))
@@ -97,15 +97,24 @@ def cmd_project(args: argparse.Namespace) -> int:
     url = database_url()
 
     async def run() -> None:
-        await _migrate(url)
+        if not args.no_migrate:
+            # A worker outlives database outages: wait for the server instead of exiting.
+            while True:
+                try:
+                    await _migrate(url)
+                    break
+                except DatabaseUnavailable as exc:
+                    log.warning("waiting for the database", extra={"error": str(exc)})
+                    await asyncio.sleep(1.0)
         pool = await create_pool(url)
-        projector = Projector(pool, url, workers=args.workers)
+        batch = int(os.environ.get("MIRROR_BATCH_SIZE", "500") or 500)
+        projector = Projector(pool, url, workers=args.workers, batch_size=batch)
         projector.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        print("projection workers running; Ctrl-C to stop", flush=True)
+        log.info("projection workers running", extra={"workers": args.workers})
         await stop.wait()
         await projector.stop()
         await pool.close()
@@ -307,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply schema.sql (idempotent)").set_defaults(func=cmd_migrate)
     project = sub.add_parser("project", help="run projection workers only")
     project.add_argument("--workers", type=int, default=2)
+    project.add_argument("--no-migrate", action="store_true",
+                         help="do not apply schema.sql first (mirror serve already did)")
     project.set_defaults(func=cmd_project)
     status = sub.add_parser("status", help="log size, lag, anomalies, unprojectable events")
     status.add_argument("--json", action="store_true")

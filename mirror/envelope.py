@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -99,8 +100,8 @@ def _scrub(value: Any, depth: int = 0) -> tuple[Any, bool]:
             items.append(new)
             changed = changed or sub
         return items, changed
-    if isinstance(value, float) and value != value:  # NaN cannot be stored
-        raise _Unsafe("NaN is not JSON")
+    if isinstance(value, float) and not math.isfinite(value):  # 1e999 parses as infinity
+        raise _Unsafe("number out of range")
     return value, False
 
 
@@ -112,23 +113,33 @@ def dumps(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False, allow_nan=False)
 
 
+def _as_text(raw: bytes, digest: bytes, reason: str) -> Envelope:
+    """A body kept whole, credentials redacted in its text, flagged with ``reason``."""
+    text = raw.decode("utf-8", errors="replace")
+    redacted_text, count = _CREDENTIAL_TEXT.subn(rf'\1"{REDACTED}"', text)
+    return Envelope(redacted_text.encode() if count else raw, digest, bool(count),
+                    unusable_reason=reason)
+
+
 def parse(raw: bytes) -> Envelope:
-    """Parse and redact one authentic body. Never raises."""
+    """Parse and redact one authentic body. Never raises: a body that cannot be used is kept
+    (credentials redacted as text) with the reason, never answered with an error and lost."""
     digest = hashlib.sha256(raw).digest()
+    try:
+        return _parse(raw, digest)
+    except Exception as exc:  # a last resort; every known case is handled in _parse
+        return _as_text(raw, digest, f"body could not be parsed: {type(exc).__name__}")
+
+
+def _parse(raw: bytes, digest: bytes) -> Envelope:
     try:
         doc = loads(raw)
     except (ValueError, RecursionError, UnicodeDecodeError):
-        text = raw.decode("utf-8", errors="replace")
-        redacted_text, count = _CREDENTIAL_TEXT.subn(rf'\1"{REDACTED}"', text)
-        body = redacted_text.encode() if count else raw
-        return Envelope(body, digest, bool(count), unusable_reason="body is not valid JSON")
+        return _as_text(raw, digest, "body is not valid JSON")
     try:
         clean, changed = _scrub(doc)
     except (_Unsafe, RecursionError) as exc:
-        text = raw.decode("utf-8", errors="replace")
-        redacted_text, count = _CREDENTIAL_TEXT.subn(rf'\1"{REDACTED}"', text)
-        return Envelope(redacted_text.encode() if count else raw, digest, bool(count),
-                        unusable_reason=f"body cannot be stored as JSON: {exc}")
+        return _as_text(raw, digest, f"body cannot be stored as JSON: {exc}")
     body = dumps(clean).encode() if changed else raw
     base = Envelope(body, digest, changed)
     if not isinstance(clean, dict):

@@ -6,9 +6,7 @@ This is the only module that maps mirror errors to HTTP status codes.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import re
 import time
 from datetime import UTC, datetime
 
@@ -97,28 +95,6 @@ class MalformedRequestFilter(logging.Filter):
         return True
 
 
-_CREDENTIAL_TEXT = re.compile(
-    r'("(?:' + "|".join(re.escape(k) for k in sorted(envelope.CREDENTIAL_KEYS)) + r')"\s*:\s*)'
-    r'"(?:[^"\\]|\\.)*"', re.IGNORECASE)
-
-
-def parse(body: bytes) -> envelope.Envelope:
-    """envelope.parse, with a last resort: should it ever raise on an authentic body, the
-    delivery is still kept (whole, credentials redacted as text) and flagged unprojectable,
-    instead of being answered 500 and lost once Svix gives up."""
-    try:
-        return envelope.parse(body)
-    except Exception as exc:
-        log.error("envelope could not be parsed; kept as unprojectable",
-                  extra={"error": type(exc).__name__})
-        text, count = _CREDENTIAL_TEXT.subn(rf'\1"{envelope.REDACTED}"',
-                                            body.decode("utf-8", errors="replace"))
-        return envelope.Envelope(text.encode() if count else body,
-                                 hashlib.sha256(body).digest(), bool(count),
-                                 unusable_reason=f"body could not be parsed: "
-                                                 f"{type(exc).__name__}")
-
-
 async def expect_handler(request: web.Request) -> None:
     """The ``Expect`` header: ``100-continue`` is honoured; anything else is answered 417.
 
@@ -185,7 +161,7 @@ async def webhook(request: web.Request) -> web.Response:
         metrics.verification_failures.labels(str(exc)).inc()
         log_refusal(str(exc), request.remote)
         return reason(401, str(exc))
-    parsed = parse(body)
+    parsed = envelope.parse(body)
     record = Record(delivery.message_id, received_at, delivery.timestamp, "webhook", parsed)
     try:
         new = await app[APPENDER].append(record)

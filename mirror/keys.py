@@ -14,10 +14,11 @@ from mirror.verify import Verifier
 
 if TYPE_CHECKING:
     from mirror.projector import Projector
+    from mirror.supervise import ProjectorProcess
 
 SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
 APPENDER = web.AppKey("appender", Appender)
 VERIFIER = web.AppKey("verifier", Verifier)
 METRICS = web.AppKey("metrics", Metrics)
-PROJECTOR: web.AppKey[Projector] = web.AppKey("projector")
+PROJECTOR: web.AppKey[Projector | ProjectorProcess] = web.AppKey("projector")

@@ -87,10 +87,11 @@ class Appender:
     """
 
     def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 512, flushers: int = 4,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, max_pending: int = 10_000) -> None:
         self._pool = pool
         self._max_batch = max_batch
         self._timeout = timeout
+        self._max_pending = max_pending
         self._queue: asyncio.Queue[tuple[Record, asyncio.Future[bool]]] = asyncio.Queue()
         self._tasks = [asyncio.create_task(self._flusher(), name=f"appender-{i}")
                        for i in range(flushers)]
@@ -102,8 +103,12 @@ class Appender:
         Raises DatabaseUnavailable when the database cannot take it in time (the caller answers
         503 and Svix retries; a retry of an event that did commit is a harmless duplicate).
         """
+        if self._queue.qsize() >= self._max_pending:
+            # The database is not keeping up (or hangs): refuse at once rather than hold an
+            # ever longer queue of requests that will time out anyway.
+            raise DatabaseUnavailable("too many appends waiting for the database")
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        await self._queue.put((record, future))
+        self._queue.put_nowait((record, future))
         try:
             return await asyncio.wait_for(asyncio.shield(future), self._timeout)
         except TimeoutError:

@@ -162,10 +162,12 @@ LEFT JOIN mirror.events e
   ON e.part = c.part AND (e.txid, e.position) > (c.last_txid, c.last_position)
 GROUP BY c.part
 """
+# Only transactions holding an xid (running or prepared) hold pg_snapshot_xmin back, and so
+# projection; a read-only snapshot (pg_dump, REPEATABLE READ readers) does not.
 HORIZON_SQL = """
-SELECT coalesce(extract(epoch FROM now() - min(xact_start)), 0)::float8
-FROM pg_stat_activity
-WHERE backend_xid IS NOT NULL OR backend_xmin IS NOT NULL
+SELECT coalesce(extract(epoch FROM now() - least(
+    (SELECT min(xact_start) FROM pg_stat_activity WHERE backend_xid IS NOT NULL),
+    (SELECT min(prepared) FROM pg_prepared_xacts))), 0)::float8
 """
 
 ObjectKey = tuple[str, str, str]
@@ -522,16 +524,21 @@ class Projector:
 
     async def lag(self, conn: asyncpg.Connection) -> dict[str, Any]:
         """Events not yet projected and the age of the oldest one."""
-        rows = await conn.fetch(LAG_SQL)
-        pending = sum(r["pending"] for r in rows)
-        oldest = min((r["oldest"] for r in rows if r["oldest"] is not None), default=None)
-        age = await conn.fetchval("SELECT extract(epoch FROM now() - $1::timestamptz)::float8",
-                                  oldest) if oldest else 0.0
-        return {"events": pending, "seconds": round(age or 0.0, 3)}
+        return await projection_lag(conn)
 
     async def refresh_metrics(self, conn: asyncpg.Connection, metrics: Metrics) -> None:
         """Update the gauges that describe the log and the projections."""
         await refresh_gauges(conn, metrics)
+
+
+async def projection_lag(conn: asyncpg.Connection) -> dict[str, Any]:
+    """Events not yet projected and the age of the oldest one."""
+    rows = await conn.fetch(LAG_SQL)
+    pending = sum(r["pending"] for r in rows)
+    oldest = min((r["oldest"] for r in rows if r["oldest"] is not None), default=None)
+    age = await conn.fetchval("SELECT extract(epoch FROM now() - $1::timestamptz)::float8",
+                              oldest) if oldest else 0.0
+    return {"events": pending, "seconds": round(age or 0.0, 3)}
 
 
 async def refresh_gauges(conn: asyncpg.Connection, metrics: Metrics) -> None:

@@ -55,6 +55,13 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
     return value
 
 
+def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
+    raw = env.get(name, "").strip().lower() or default
+    if raw not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service needs to run; see the README's variables table."""
@@ -72,6 +79,9 @@ class Settings:
     # How long a client may take to send a request's headers, or its body; also how long an
     # idle keep-alive connection stays open. Slow clients are cut off after it.
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    # 'process': projection workers in a child process, so folds never hold the ingress's
+    # event loop; 'inline': in the service's own event loop (tests, tiny setups).
+    projector: str = "process"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, database_url: str | None = None,
@@ -103,6 +113,8 @@ class Settings:
             workers=_int(env, "MIRROR_WORKERS", 2, 1, 16),
             batch_size=_int(env, "MIRROR_BATCH_SIZE", 500, 1, 100_000),
             request_timeout=_int(env, "MIRROR_REQUEST_TIMEOUT", DEFAULT_REQUEST_TIMEOUT, 1, 300),
+            db_timeout=float(_int(env, "MIRROR_DB_TIMEOUT", 5, 1, 60)),
+            projector=_choice(env, "MIRROR_PROJECTOR", ("process", "inline"), "process"),
         )
 
 

@@ -103,7 +103,7 @@ async def conn(db_url: str) -> AsyncIterator[asyncpg.Connection]:
 def make_settings(db_url: str, **overrides: object) -> Settings:
     values: dict[str, object] = dict(
         database_url=db_url, webhook_secrets=(SECRET,), api_token=API_TOKEN,
-        poll_interval=0.2,
+        poll_interval=0.2, projector="inline",
     )
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

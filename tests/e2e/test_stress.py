@@ -15,7 +15,6 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mirror.db import init_connection
@@ -172,10 +171,6 @@ async def test_long_transaction_delays_projection_but_loses_nothing_and_shows(
         await conn.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mirror/projector.py HORIZON_SQL counts backends with only a snapshot (backend_xmin), "
-    "e.g. a read-only REPEATABLE READ transaction or pg_dump, which do not hold "
-    "pg_snapshot_xmin back; only transactions with an xid (backend_xid) delay projection"))
 async def test_visibility_horizon_counts_only_transactions_that_hold_projection_back(
         start_service: Callable[..., Service], db_url: str) -> None:
     service = start_service()
