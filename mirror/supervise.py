@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -23,6 +24,17 @@ from mirror.metrics import Metrics
 from mirror.projector import projection_lag, refresh_gauges
 
 log = logging.getLogger("mirror.supervise")
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when the service dies, even by
+    SIGKILL, so no orphaned worker keeps folding for a service that is gone."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 class ProjectorProcess:
@@ -48,7 +60,8 @@ class ProjectorProcess:
 
     async def _spawn(self) -> None:
         self._proc = await asyncio.create_subprocess_exec(
-            *self._cmd, env=self._env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            *self._cmd, env=self._env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent)
 
     async def _keep_alive(self) -> None:
         while not self._stopping:

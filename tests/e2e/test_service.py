@@ -129,3 +129,38 @@ def test_service_refuses_to_start_without_a_valid_secret(db_url: str) -> None:
                              capture_output=True, text=True, timeout=60)
         assert out.returncode != 0
         assert "MIRROR_WEBHOOK_SECRET" in out.stderr and fragment in out.stderr
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def test_projection_process_dies_with_the_service(db_url: str) -> None:
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": db_url, "MIRROR_WEBHOOK_SECRET": SECRET,
+           "MIRROR_API_TOKEN": API_TOKEN, "MIRROR_PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, "-m", "mirror", "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import time
+
+    children: list[int] = []
+    for _ in range(200):
+        out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+        children = [int(p) for p in out.stdout.split()]
+        if children:
+            break
+        time.sleep(0.05)
+    assert children, "mirror serve started no projection process"
+    proc.kill()  # SIGKILL: no cleanup runs in the service
+    proc.wait()
+    for _ in range(100):
+        if not any(_alive(c) for c in children):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"projection process {children} outlived the service")
