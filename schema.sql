@@ -199,3 +199,11 @@ CREATE TABLE IF NOT EXISTS mirror.backfill_progress (
     finished_at   timestamptz,                     -- NULL while a walk is under way
     PRIMARY KEY (connection_id, endpoint, filters)
 );
+
+-- Projection workers' heartbeats, wherever they run (the child of `mirror serve`, or
+-- `mirror project` on other machines): /readyz and `mirror status` read them.
+CREATE TABLE IF NOT EXISTS mirror.workers (
+    name       text PRIMARY KEY,                 -- host:pid:worker
+    started_at timestamptz NOT NULL DEFAULT now(),
+    beat_at    timestamptz NOT NULL DEFAULT now()
+);

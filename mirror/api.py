@@ -11,7 +11,7 @@ from aiohttp import web
 from mirror import history
 from mirror.db import guarded
 from mirror.errors import AmbiguousObject, BadRequest, DatabaseUnavailable
-from mirror.ingress import expect_handler, reason
+from mirror.ingress import expect_handler, json_answer, reason
 from mirror.keys import POOL, SETTINGS
 from projections import registry
 from projections.base import parse_time
@@ -91,7 +91,7 @@ async def get_object(request: web.Request) -> web.Response:
         return reason(503, "database unavailable", **{"Retry-After": "5"})
     if data is None:
         return reason(404, "no state for that object at that time")
-    return web.json_response({
+    return json_answer({
         "resource": resource, "id": object_id, "connection_id": found_connection,
         "at": at.isoformat() if at else None,
         "known_at": known_at.isoformat() if known_at else None,
@@ -118,7 +118,7 @@ async def get_history(request: web.Request) -> web.Response:
         return reason(503, "database unavailable", **{"Retry-After": "5"})
     if not versions:
         return reason(404, "no such object")
-    return web.json_response({"resource": resource, "id": object_id, "versions": versions})
+    return json_answer({"resource": resource, "id": object_id, "versions": versions})
 
 
 def add_routes(app: web.Application) -> None:

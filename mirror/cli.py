@@ -9,8 +9,10 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -64,19 +66,63 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def _serve(settings: Settings, *, secret_files: dict[str, Path] | None = None,
            project: bool = True) -> int:
-    from mirror.app import create_app, server_options
 
     asyncio.run(_migrate(settings.database_url))
+    # Several processes (ingress, projection) share their Prometheus figures through files.
+    metrics_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        metrics_dir = tempfile.mkdtemp(prefix="mirror-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        return _serve_with(settings, secret_files, project)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _serve_with(settings: Settings, secret_files: dict[str, Path] | None,
+                project: bool) -> int:
+    from mirror.app import create_app
+    from mirror.supervise import die_with_parent
+
     app = create_app(settings, project=project)
     shown_host = settings.host if settings.host not in {"0.0.0.0", "::"} else "127.0.0.1"
     print(f"webhook URL:     http://{shown_host}:{settings.port}/webhooks", flush=True)
     print(f"SQL connection:  {masked_url(settings.database_url)}", flush=True)
     for name, path in (secret_files or {}).items():
         print(f"{name}: kept in {path.resolve()}", flush=True)
+    extra = settings.ingress_processes - 1
+    children = []
+    for _ in range(extra):
+        pid = os.fork()
+        if pid == 0:  # another ingress process on the same port; it dies with this one
+            die_with_parent()
+            _run_app(create_app(settings, project=False), settings, reuse_port=True)
+            os._exit(0)
+        children.append(pid)
+    try:
+        _run_app(app, settings, reuse_port=extra > 0)
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+    return 0
+
+
+def _run_app(app: web.Application, settings: Settings, *, reuse_port: bool) -> None:
+    from mirror.app import server_options
+
+    loop = None
+    if os.environ.get("MIRROR_UVLOOP", "1") == "1":
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            loop = uvloop.new_event_loop()
     web.run_app(app, host=settings.host, port=settings.port, print=None,
                 shutdown_timeout=10.0, handle_signals=True, access_log=None,
-                **server_options(settings))
-    return 0
+                reuse_port=reuse_port, loop=loop, **server_options(settings))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -92,6 +138,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_project(args: argparse.Namespace) -> int:
     from mirror.db import create_pool
+    from mirror.metrics import Metrics
     from mirror.projector import Projector
 
     url = database_url()
@@ -108,7 +155,9 @@ def cmd_project(args: argparse.Namespace) -> int:
                     await asyncio.sleep(1.0)
         pool = await create_pool(url)
         batch = int(os.environ.get("MIRROR_BATCH_SIZE", "500") or 500)
-        projector = Projector(pool, url, workers=args.workers, batch_size=batch)
+        metrics = Metrics() if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else None
+        projector = Projector(pool, url, workers=args.workers, batch_size=batch,
+                              metrics=metrics)
         projector.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

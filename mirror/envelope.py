@@ -60,12 +60,37 @@ def _reject_constant(name: str) -> Any:
 
 
 def loads(text: bytes | str) -> Any:
-    """Parse JSON text; integers beyond 64 bits and all standard JSON are accepted."""
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        # orjson refuses integers beyond 64 bits, which are valid JSON: ask the stdlib.
-        return json.loads(text, parse_constant=_reject_constant)
+    """Parse JSON text exactly: integers beyond 64 bits stay integers."""
+    return _loads(text)[0]
+
+
+# orjson reads an integer beyond 64 bits as a float (losing digits); a run of 20 digits is the
+# cheap sign that the exact (slower) standard library parser is needed.
+_LONG_DIGITS = re.compile(rb"\d{20,}")
+
+
+def _loads(text: bytes | str) -> tuple[Any, bool]:
+    """The parsed value, and whether orjson (which never yields NaN or infinities) parsed it."""
+    raw = text.encode() if isinstance(text, str) else text
+    if not _LONG_DIGITS.search(raw):
+        try:
+            return orjson.loads(raw), True
+        except orjson.JSONDecodeError:
+            pass  # e.g. 1e999, which the standard library reads as infinity
+    return json.loads(raw, parse_constant=_reject_constant), False
+
+
+# What can make a parsed body unsafe to store, or hold a credential, always shows in its
+# bytes: an escape (\u0000, a lone surrogate, an escaped key), deep nesting (many brackets)
+# or a credential key's name. Bodies without any of them skip the walk in _scrub.
+_CREDENTIAL_BYTES = tuple(f'"{key}"'.encode() for key in sorted(CREDENTIAL_KEYS))
+
+
+def _may_need_scrub(raw: bytes) -> bool:
+    if b"\\u" in raw or raw.count(b"{") + raw.count(b"[") > MAX_DEPTH:
+        return True
+    lowered = raw.lower()
+    return any(key in lowered for key in _CREDENTIAL_BYTES)
 
 
 def _scrub(value: Any, depth: int = 0) -> tuple[Any, bool]:
@@ -133,11 +158,14 @@ def parse(raw: bytes) -> Envelope:
 
 def _parse(raw: bytes, digest: bytes) -> Envelope:
     try:
-        doc = loads(raw)
+        doc, by_orjson = _loads(raw)
     except (ValueError, RecursionError, UnicodeDecodeError):
         return _as_text(raw, digest, "body is not valid JSON")
     try:
-        clean, changed = _scrub(doc)
+        if by_orjson and not _may_need_scrub(raw):
+            clean, changed = doc, False
+        else:
+            clean, changed = _scrub(doc)
     except (_Unsafe, RecursionError) as exc:
         return _as_text(raw, digest, f"body cannot be stored as JSON: {exc}")
     body = dumps(clean).encode() if changed else raw

@@ -26,6 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -168,6 +171,17 @@ HORIZON_SQL = """
 SELECT coalesce(extract(epoch FROM now() - least(
     (SELECT min(xact_start) FROM pg_stat_activity WHERE backend_xid IS NOT NULL),
     (SELECT min(prepared) FROM pg_prepared_xacts))), 0)::float8
+"""
+
+# Each worker says it is alive this often; /readyz counts workers seen within WORKERS_FRESH.
+BEAT_SECONDS = 2.0
+WORKERS_FRESH = "15 seconds"
+BEAT_SQL = """
+INSERT INTO mirror.workers (name) VALUES ($1)
+ON CONFLICT (name) DO UPDATE SET beat_at = now()
+"""
+LIVE_WORKERS_SQL = f"""
+SELECT count(*) FROM mirror.workers WHERE beat_at > now() - interval '{WORKERS_FRESH}'
 """
 
 ObjectKey = tuple[str, str, str]
@@ -476,7 +490,14 @@ class Projector:
                 with contextlib.suppress(Exception):
                     await conn.close()
 
+    async def _beat(self, name: str) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.execute(BEAT_SQL, name)
+
     async def _work(self, index: int) -> None:
+        name = f"{socket.gethostname()}:{os.getpid()}:{index}"
+        last_beat = 0.0
+        failures = 0
         order = list(range(PARTITIONS))
         # Start each worker at a different partition so they rarely collide on a lock.
         order = order[index * PARTITIONS // self._workers:] + \
@@ -485,6 +506,10 @@ class Projector:
             self._wake.clear()
             done = 0
             try:
+                now = time.monotonic()
+                if now - last_beat >= BEAT_SECONDS:
+                    await self._beat(name)
+                    last_beat = now
                 for part in order:
                     if self._stopping.is_set():
                         break
@@ -492,8 +517,12 @@ class Projector:
             except Exception as exc:
                 level = logging.WARNING if is_unavailable(exc) else logging.ERROR
                 log.log(level, "projection batch failed", extra={"error": repr(exc)[:500]})
-                await asyncio.sleep(self._poll)
+                # Retry soon, then less often: a database back from an outage is picked up
+                # within a fraction of a second, a long outage is not hammered.
+                failures += 1
+                await asyncio.sleep(min(self._poll, 0.1 * 2 ** min(failures, 6)))
                 continue
+            failures = 0
             if done == 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._poll)

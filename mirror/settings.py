@@ -82,6 +82,9 @@ class Settings:
     # 'process': projection workers in a child process, so folds never hold the ingress's
     # event loop; 'inline': in the service's own event loop (tests, tiny setups).
     projector: str = "process"
+    # Ingress processes sharing the port (SO_REUSEPORT); verification and parsing are CPU
+    # work, so one per core.
+    ingress_processes: int = 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, database_url: str | None = None,
@@ -115,6 +118,8 @@ class Settings:
             request_timeout=_int(env, "MIRROR_REQUEST_TIMEOUT", DEFAULT_REQUEST_TIMEOUT, 1, 300),
             db_timeout=float(_int(env, "MIRROR_DB_TIMEOUT", 5, 1, 60)),
             projector=_choice(env, "MIRROR_PROJECTOR", ("process", "inline"), "process"),
+            ingress_processes=_int(env, "MIRROR_INGRESS_PROCESSES",
+                                   min(os.cpu_count() or 1, 4), 1, 64),
         )
 
 

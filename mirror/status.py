@@ -6,7 +6,7 @@ from typing import Any
 
 import asyncpg
 
-from mirror.projector import HORIZON_SQL, LAG_SQL
+from mirror.projector import HORIZON_SQL, LAG_SQL, LIVE_WORKERS_SQL
 
 
 async def gather(conn: asyncpg.Connection) -> dict[str, Any]:
@@ -37,6 +37,7 @@ async def gather(conn: asyncpg.Connection) -> dict[str, Any]:
         "SELECT connection_id, endpoint, objects, appended, total_count, pages, updated_at, "
         "finished_at FROM mirror.backfill_progress ORDER BY updated_at DESC LIMIT 20")
     return {
+        "workers": await conn.fetchval(LIVE_WORKERS_SQL),
         "backfills": [dict(r) for r in backfills],
         "events": log["events"],
         "head_position": log["head"],
@@ -58,6 +59,7 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         f"events stored:        {report['events']} (head position {report['head_position']})",
         f"last received:        {report['last_received'] or 'never'}",
+        f"projection workers:   {report['workers']} alive (heartbeat within 15 s)",
         f"projection lag:       {report['projection_lag_events']} events, "
         f"{report['projection_lag_seconds']} s",
         f"visibility horizon:   {report['visibility_horizon_seconds']} s "

@@ -26,15 +26,24 @@ from mirror.projector import projection_lag, refresh_gauges
 log = logging.getLogger("mirror.supervise")
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM it when the service dies, even by
-    SIGKILL, so no orphaned worker keeps folding for a service that is gone."""
+def die_with_parent() -> None:
+    """In a child process: ask Linux to SIGTERM it when its parent dies, even by SIGKILL, so
+    no orphaned worker outlives the service."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 _PR_SET_PDEATHSIG = 1
+# Under CPU contention webhook answers come first (Svix gives up after 15 s; projection lag
+# only delays visibility and is caught up as soon as load eases).
+PROJECTION_NICENESS = 5
+
+
+def _projection_child() -> None:
+    die_with_parent()
+    with contextlib.suppress(OSError):
+        os.nice(PROJECTION_NICENESS)
 
 
 class ProjectorProcess:
@@ -61,7 +70,7 @@ class ProjectorProcess:
     async def _spawn(self) -> None:
         self._proc = await asyncio.create_subprocess_exec(
             *self._cmd, env=self._env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent)
+            preexec_fn=_projection_child)
 
     async def _keep_alive(self) -> None:
         while not self._stopping:
