@@ -551,13 +551,6 @@ class Projector:
             self._wake.set()
             await asyncio.sleep(0.02)
 
-    async def lag(self, conn: asyncpg.Connection) -> dict[str, Any]:
-        """Events not yet projected and the age of the oldest one."""
-        return await projection_lag(conn)
-
-    async def refresh_metrics(self, conn: asyncpg.Connection, metrics: Metrics) -> None:
-        """Update the gauges that describe the log and the projections."""
-        await refresh_gauges(conn, metrics)
 
 
 async def projection_lag(conn: asyncpg.Connection) -> dict[str, Any]:

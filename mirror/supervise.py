@@ -16,12 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-from typing import Any
-
-import asyncpg
-
-from mirror.metrics import Metrics
-from mirror.projector import projection_lag, refresh_gauges
 
 log = logging.getLogger("mirror.supervise")
 
@@ -47,7 +41,7 @@ def _projection_child() -> None:
 
 
 class ProjectorProcess:
-    """The same interface as an in-process Projector, for /readyz and /metrics."""
+    """`mirror project` as a supervised child: ``start``, ``stop``, ``running``."""
 
     def __init__(self, database_url: str, workers: int, batch_size: int) -> None:
         self._cmd = [sys.executable, "-m", "mirror", "project", "--workers", str(workers),
@@ -99,9 +93,3 @@ class ProjectorProcess:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
-
-    async def lag(self, conn: asyncpg.Connection) -> dict[str, Any]:
-        return await projection_lag(conn)
-
-    async def refresh_metrics(self, conn: asyncpg.Connection, metrics: Metrics) -> None:
-        await refresh_gauges(conn, metrics)

@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 
 from mirror.db import init_connection
+from mirror.keys import SETTINGS
 from mirror.log import insert_records
 from mirror.projector import project_batch
 from mirror.rebuild import rebuild
@@ -320,3 +321,20 @@ async def test_refold_resolves_only_the_anomalies_the_fold_finds(
     await project_all(conn)
     assert await conn.fetchval(
         "SELECT resolved_at IS NULL FROM mirror.anomalies WHERE kind = 'drift'")
+
+
+async def test_posted_webhooks_are_projected_by_the_running_workers(client: Any) -> None:
+    from mirror.keys import PROJECTOR
+    from tests.signing import signed
+
+    for n in range(5):
+        body, headers = signed(order(f"live_{n}", "2025-01-01T10:00:00Z", "open"))
+        assert (await client.post("/webhooks", data=body, headers=headers)).status == 200
+    projector = client.server.app[PROJECTOR]
+    await projector.caught_up(timeout=30)  # NOTIFY woke the workers; nothing sleeps here
+    conn = await asyncpg.connect(client.server.app[SETTINGS].database_url)
+    try:
+        ids = sorted(r["id"] for r in await conn.fetch("SELECT id FROM mirror.orders"))
+    finally:
+        await conn.close()
+    assert ids == [f"live_{n}" for n in range(5)]
