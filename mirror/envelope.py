@@ -30,6 +30,9 @@ _CREDENTIAL_TEXT = re.compile(
     re.IGNORECASE,
 )
 MAX_DEPTH = 64
+# connection_id, event_type and the object key are indexed together; PostgreSQL refuses a
+# B-tree entry over 2704 bytes, so each is held to this many bytes (UTF-8), or left out.
+MAX_KEY_BYTES = 768
 
 
 @dataclass(frozen=True)
@@ -138,10 +141,22 @@ def dumps(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False, allow_nan=False)
 
 
+_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+WITHHELD = (b"[body withheld: it could not be parsed and names a credential "
+            b"the mirror could not redact]")
+
+
 def _as_text(raw: bytes, digest: bytes, reason: str) -> Envelope:
-    """A body kept whole, credentials redacted in its text, flagged with ``reason``."""
+    """A body kept whole, credentials redacted in its text, flagged with ``reason``.
+
+    Text redaction only understands ``"key": "string"``; if a credential's name shows up
+    anywhere else (a non-string value, an escaped key), the body is withheld instead and
+    only its sha256 kept: a credential in a table is worse than a body we cannot show."""
     text = raw.decode("utf-8", errors="replace")
     redacted_text, count = _CREDENTIAL_TEXT.subn(rf'\1"{REDACTED}"', text)
+    decoded = _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text).lower()
+    if sum(decoded.count(key) for key in CREDENTIAL_KEYS) > count:
+        return Envelope(WITHHELD, digest, True, unusable_reason=reason)
     return Envelope(redacted_text.encode() if count else raw, digest, bool(count),
                     unusable_reason=reason)
 
@@ -175,7 +190,7 @@ def _parse(raw: bytes, digest: bytes) -> Envelope:
 
     def text_field(name: str) -> str | None:
         value = clean.get(name)
-        return value if isinstance(value, str) and len(value) <= 1024 else None
+        return value if isinstance(value, str) and len(value.encode()) <= MAX_KEY_BYTES else None
 
     event_type = text_field("event_type")
     data = clean.get("data")
@@ -204,7 +219,8 @@ def _parse(raw: bytes, digest: bytes) -> Envelope:
     object_id = resource.object_key(clean)
     fields["object_id"] = object_id
     if object_id is None:
-        return _with(base, **fields, unusable_reason=f"missing object key ({resource.key})")
+        return _with(base, **fields, unusable_reason=f"missing object key ({resource.key}), "
+                                                     f"or one over {MAX_KEY_BYTES} bytes")
     if clean.get("data_truncated") is True:
         return _with(base, **fields, unusable_reason="data truncated")
     return _with(base, **fields)

@@ -17,7 +17,6 @@ from typing import Any
 from mirror import paths
 from projections.base import Resource, parse_time
 
-_EPOCH = datetime.min.replace(tzinfo=UTC)
 _KSUID_EPOCH = 1_400_000_000
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _B62 = {c: i for i, c in enumerate(_BASE62)}
@@ -129,14 +128,13 @@ def object_time(event: Event, deleting: bool) -> datetime:
 class _Candidate:
     valid_from: datetime
     derived: bool
-    tie: datetime
     position: int
     event: Event
     data: dict[str, Any] | None
 
-    def key(self) -> tuple[datetime, int, datetime, int]:
-        # Received beats derived at one instant; then svix-id time, then log position.
-        return (self.valid_from, 0 if self.derived else 1, self.tie, self.position)
+    def key(self) -> tuple[datetime, int, int]:
+        # Received beats derived at one instant; then ties keep log order (CONTRACT §5).
+        return (self.valid_from, 0 if self.derived else 1, self.position)
 
 
 def fold(resource: Resource, events: Sequence[Event]) -> History:
@@ -160,8 +158,7 @@ def _candidates(resource: Resource, events: Sequence[Event]) -> list[_Candidate]
     out = []
     for event in events:
         deleting = event.kind in resource.deletes
-        out.append(_Candidate(object_time(event, deleting), False,
-                              ksuid_time(event.event_id) or _EPOCH, event.position, event,
+        out.append(_Candidate(object_time(event, deleting), False, event.position, event,
                               None if deleting else event.data))
     return out
 
@@ -169,8 +166,7 @@ def _candidates(resource: Resource, events: Sequence[Event]) -> list[_Candidate]
 def _seed(tail: Version) -> _Candidate:
     event = Event(tail.position, tail.event_id, tail.event_type, "", tail.known_from,
                   tail.data or {})
-    return _Candidate(tail.valid_from, tail.derived, ksuid_time(tail.event_id) or _EPOCH,
-                      tail.position, event, tail.data)
+    return _Candidate(tail.valid_from, tail.derived, tail.position, event, tail.data)
 
 
 def _fold(resource: Resource, events: Sequence[Event], tail: Version | None) -> History | None:
@@ -249,7 +245,7 @@ def _revealed(received: list[_Candidate], anomalies: list[Anomaly]) -> list[_Can
                     anomalies.append(Anomaly("inconsistent", cand.valid_from, event.event_id,
                                              differing, {"after": prior.event.event_id}))
             continue
-        out.append(_Candidate(at, True, cand.tie, cand.position, event, before))
+        out.append(_Candidate(at, True, cand.position, event, before))
     return out
 
 

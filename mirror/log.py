@@ -59,12 +59,12 @@ class Record:
             e.unusable_reason,
         )
 
-    def without_json(self, reason: str) -> Record:
-        """The same delivery with its parsed JSON dropped: kept, flagged, never lost."""
+    def bare(self, reason: str) -> Record:
+        """The same delivery reduced to its body, with every parsed and indexed field left
+        out: what is stored when the database refuses the full row. Kept, flagged, never
+        lost."""
         e = self.envelope
-        bare = Envelope(e.body, e.body_sha256, e.redacted, e.connection_id, e.integration_name,
-                        e.integration_type, e.event_type, e.kind, e.resource, e.object_id,
-                        unusable_reason=reason)
+        bare = Envelope(e.body, e.body_sha256, e.redacted, unusable_reason=reason)
         return Record(self.event_id, self.received_at, self.svix_timestamp, self.origin, bare)
 
 
@@ -186,6 +186,8 @@ class Appender:
             except asyncpg.PostgresError as exc:
                 if is_unavailable(exc):
                     raise
-                bare = record.without_json(f"database refused the JSON ({exc.sqlstate})")
+                log.warning("row refused, storing the body alone",
+                            extra={"event_id": record.event_id, "sqlstate": exc.sqlstate})
+                bare = record.bare(f"database refused the parsed row ({exc.sqlstate})")
                 new |= await insert_records(conn, [bare])
         return new

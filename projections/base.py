@@ -153,7 +153,9 @@ class Resource:
             return None
         if isinstance(value, int):
             value = str(value)
-        if not isinstance(value, str) or not value or len(value) > 2048 or "\x00" in value:
+        # Bytes, not characters: the key is indexed (see mirror.envelope.MAX_KEY_BYTES).
+        if (not isinstance(value, str) or not value or "\x00" in value
+                or len(value.encode("utf-8", "surrogatepass")) > 768):
             return None
         return value
 

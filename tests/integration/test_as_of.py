@@ -314,4 +314,4 @@ async def test_two_received_states_for_one_instant_are_a_conflict(
     await project_all(conn)
     anomaly = await conn.fetchrow("SELECT kind, paths FROM mirror.anomalies")
     assert anomaly["kind"] == "conflict" and anomaly["paths"] == ["onhand"]
-    assert (await as_of(conn, 10))["onhand"] == 2  # the later svix-id / log position wins
+    assert (await as_of(conn, 10))["onhand"] == 2  # ties keep log order: the later one wins

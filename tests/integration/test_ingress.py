@@ -274,3 +274,47 @@ async def test_access_token_is_redacted_everywhere(client: Client, db_url: str) 
         assert "[redacted]" in dump
     finally:
         await conn.close()
+
+
+async def test_over_long_object_key_is_stored_flagged_not_refused(client: Client,
+                                                                  db_url: str) -> None:
+    # Indexed keys have a byte limit in PostgreSQL; a long non-ASCII failed_url must not turn
+    # into a 503 forever (Svix would give up and the event would be lost).
+    event = envelope("connection-error.created", {"failed_url": "https://wms/" + "é" * 1500})
+    body, headers = signed(event)
+    response = await client.post("/webhooks", data=body, headers=headers)
+    assert response.status == 200
+    rows = await stored(db_url)
+    assert len(rows) == 1 and rows[0]["unusable_reason"].startswith("missing object key")
+    assert bytes(rows[0]["body"]) == body
+
+
+async def test_row_the_database_refuses_is_kept_as_its_body(client: Client,
+                                                            db_url: str) -> None:
+    conn = await asyncpg.connect(db_url)
+    try:  # a constraint a user (or a future limit) might impose on the parsed columns
+        await conn.execute("ALTER TABLE mirror.events ADD CONSTRAINT no_refuse "
+                           "CHECK (connection_id IS DISTINCT FROM 'refuse_me')")
+    finally:
+        await conn.close()
+    body, headers = signed(envelope("order.created", {"id": "o1"}, connection_id="refuse_me"))
+    response = await client.post("/webhooks", data=body, headers=headers)
+    assert response.status == 200
+    rows = await stored(db_url)
+    assert len(rows) == 1 and rows[0]["connection_id"] is None
+    assert rows[0]["unusable_reason"].startswith("database refused the parsed row (23514)")
+    assert bytes(rows[0]["body"]) == body
+
+
+async def test_credential_text_redaction_cannot_miss_is_withheld(client: Client,
+                                                                 db_url: str) -> None:
+    token = "tok_HIDDEN_IN_A_BROKEN_BODY_77"
+    for raw in ('{"access_token": {"value": "' + token + '"}, oops',
+                '{"access\\u005ftoken": "' + token + '", oops'):
+        body, headers = signed(raw)
+        assert (await client.post("/webhooks", data=body, headers=headers)).status == 200
+    rows = await stored(db_url)
+    assert len(rows) == 2
+    for row in rows:
+        assert token.encode() not in bytes(row["body"])
+        assert bytes(row["body"]).startswith(b"[body withheld")
