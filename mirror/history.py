@@ -10,7 +10,7 @@ import asyncpg
 from mirror.errors import AmbiguousObject, BadRequest
 
 AS_OF_SQL = """
-SELECT mirror.object_connection($1, $2, $3) AS connection_id,
+SELECT mirror.object_connection($1, $2, $3, $5) AS connection_id,
        mirror.object_as_of($1, $2, $4, $3, $5) AS data
 """
 HISTORY_SQL = """

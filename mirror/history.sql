@@ -21,9 +21,12 @@ BEGIN
 END;
 $$;
 
--- The connection an object belongs to; NULL if unknown; raises when it is in several.
+-- The connection an object belongs to; NULL if unknown; raises when it is in several. With
+-- known_at, only connections in which the object had been received by then count.
+DROP FUNCTION IF EXISTS mirror.object_connection(text, text, text);
 CREATE OR REPLACE FUNCTION mirror.object_connection(resource text, id text,
-                                                    connection_id text DEFAULT NULL)
+                                                    connection_id text DEFAULT NULL,
+                                                    known_at timestamptz DEFAULT NULL)
 RETURNS text LANGUAGE plpgsql STABLE AS $$
 DECLARE
     r text := mirror.canonical_resource(object_connection.resource);
@@ -34,7 +37,13 @@ BEGIN
         RETURN object_connection.connection_id;
     END IF;
     SELECT min(o.connection_id), count(*) INTO found, n
-    FROM mirror.objects o WHERE o.resource = r AND o.object_id = object_connection.id;
+    FROM mirror.objects o
+    WHERE o.resource = r AND o.object_id = object_connection.id
+      AND (object_connection.known_at IS NULL OR EXISTS (
+          SELECT 1 FROM mirror.versions v
+          WHERE v.resource = r AND v.object_id = o.object_id
+            AND v.connection_id = o.connection_id
+            AND v.known_from <= object_connection.known_at));
     IF n > 1 THEN
         RAISE EXCEPTION '% % exists in % connections: pass connection_id',
             r, quote_literal(object_connection.id), n
@@ -69,7 +78,8 @@ CREATE OR REPLACE FUNCTION mirror.object_as_of(resource text, id text, at timest
 RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
 DECLARE
     r text := mirror.canonical_resource(object_as_of.resource);
-    c text := mirror.object_connection(r, object_as_of.id, object_as_of.connection_id);
+    c text := mirror.object_connection(r, object_as_of.id, object_as_of.connection_id,
+                                       object_as_of.known_at);
     result jsonb;
 BEGIN
     IF c IS NULL OR object_as_of.at IS NULL THEN

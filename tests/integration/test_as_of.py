@@ -315,3 +315,13 @@ async def test_two_received_states_for_one_instant_are_a_conflict(
     anomaly = await conn.fetchrow("SELECT kind, paths FROM mirror.anomalies")
     assert anomaly["kind"] == "conflict" and anomaly["paths"] == ["onhand"]
     assert (await as_of(conn, 10))["onhand"] == 2  # ties keep log order: the later one wins
+
+
+async def test_known_at_only_counts_connections_known_by_then(conn: asyncpg.Connection) -> None:
+    await append(conn, record(item(0, 1, connection_id="a"), received_at=at(1)),
+                 record(item(0, 2, connection_id="b"), received_at=at(60)))
+    await project_all(conn)
+    # At minute 30 only connection a had sent inv_1: no ambiguity then.
+    assert (await as_of(conn, 5, known_at=at(30)))["onhand"] == 1
+    with pytest.raises(asyncpg.CardinalityViolationError):
+        await as_of(conn, 5, known_at=at(90))
