@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import secrets
 import tempfile
@@ -75,13 +76,22 @@ def template_db(server_url: str) -> Iterator[str]:
     asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@contextlib.contextmanager
+def fresh_database(server_url: str, template_db: str) -> Iterator[str]:
+    """A database cloned from the template (cheap, fully isolated), dropped afterwards."""
+    name = f"mirror_t_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
+    try:
+        yield with_database(server_url, name)
+    finally:
+        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 @pytest.fixture
 def db_url(server_url: str, template_db: str) -> Iterator[str]:
     """A fresh database cloned from the template, dropped after the test."""
-    name = f"mirror_t_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
-    yield with_database(server_url, name)
-    asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with fresh_database(server_url, template_db) as url:
+        yield url
 
 
 @pytest.fixture

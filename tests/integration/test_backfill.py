@@ -8,7 +8,6 @@ import io
 import logging
 import os
 import sys
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,7 +28,7 @@ from mirror.trackstar_api import (
     retry_after_seconds,
 )
 from projections import registry
-from tests.conftest import with_database
+from tests.conftest import fresh_database
 from tests.fake_trackstar import DROP, FakeTrackstar
 from tests.logtools import append, project_all, record
 from tests.signing import envelope, iso
@@ -58,21 +57,11 @@ async def fake() -> AsyncIterator[FakeTrackstar]:
     await api.close()
 
 
-async def _admin(url: str, statement: str) -> None:
-    c = await asyncpg.connect(url)
-    try:
-        await c.execute(statement)
-    finally:
-        await c.close()
-
-
 @pytest.fixture
 def other_db_url(server_url: str, template_db: str) -> Iterator[str]:
     """A second fresh database, for comparing two runs."""
-    name = f"mirror_t_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
-    yield with_database(server_url, name)
-    asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with fresh_database(server_url, template_db) as url:
+        yield url
 
 
 def client_for(fake: FakeTrackstar, rate: float = 1000.0) -> TrackstarClient:
