@@ -544,7 +544,7 @@ async def fetch_truncated(conn: asyncpg.Connection, client: TrackstarClient, *,
     and append the full event as origin ``fetch``, event id ``fetch_`` + the delivery's id.
 
     The stub itself stays in the log, unprojected; the completing event takes its place in
-    the object's history (it keeps the delivery's svix-id time for ordering ties).
+    the object's history (appended after the stub, it wins a tie with it by log order).
     """
     rows = await conn.fetch(TRUNCATED_SQL, connection_id, limit)
     results: list[FetchResult] = []

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from projections import registry
-from projections.base import normalise_kind
+from projections.base import MAX_KEY_BYTES, normalise_kind
 
 REDACTED = "[redacted]"
 # Keys whose values are credentials wherever they appear in a payload.
@@ -30,9 +30,7 @@ _CREDENTIAL_TEXT = re.compile(
     re.IGNORECASE,
 )
 MAX_DEPTH = 64
-# connection_id, event_type and the object key are indexed together; PostgreSQL refuses a
-# B-tree entry over 2704 bytes, so each is held to this many bytes (UTF-8), or left out.
-MAX_KEY_BYTES = 768
+
 
 
 @dataclass(frozen=True)

@@ -251,7 +251,7 @@ def _revealed(received: list[_Candidate], anomalies: list[Anomaly]) -> list[_Can
 
 def _same_instant(received: list[_Candidate], anomalies: list[Anomaly]) -> None:
     """Two received events claiming one instant with different states: the later in order
-    wins (svix-id time, then log position) and the other is recorded as a conflict."""
+    wins (log order) and the other is recorded as a conflict."""
     for before, after in itertools.pairwise(received):
         if before.valid_from == after.valid_from and before.data != after.data:
             anomalies.append(_conflict(before, after))

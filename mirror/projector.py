@@ -319,7 +319,8 @@ async def write_histories(conn: asyncpg.Connection, histories: dict[ObjectKey, H
         if full:
             # Only a full fold knows every anomaly of an object; what it no longer finds was
             # explained by a later delivery.
-            found = _columns([a[:6] for a in anomalies if (a[0], a[1], a[2]) in set(full)], 6)
+            refolded = set(full)
+            found = _columns([a[:6] for a in anomalies if (a[0], a[1], a[2]) in refolded], 6)
             await conn.execute(RESOLVE_ANOMALIES_SQL, *params, *found)
             await conn.execute(CLEAR_POISON_SQL, *params)
         await _write_current(conn, histories)

@@ -9,9 +9,9 @@ state differs (``differs``, by dotted path, as mirror.paths.changes writes them)
 ``<resource>.updated``, exactly like a backfill snapshot) for every object missing here and every
 differing object whose API state is not older than the mirror's: the mirror never goes back in
 time because a list was stale (a newer webhook wins, as CONTRACT §5 says). A repair's event id
-is ``reconcile_`` + a KSUID carrying the time of the reconciliation, so when the API state has
-the same ``updated_date`` as the mirror's (a change the WMS made without touching it), the fold's
-svix-id-time tie-break puts the repair after what the mirror had. Objects missing there cannot be
+is ``reconcile_`` + a KSUID carrying the time of the reconciliation; when the API state has the
+same ``updated_date`` as the mirror's (a change the WMS made without touching it), the repair,
+appended last, wins the tie by log order (CONTRACT §5). Objects missing there cannot be
 repaired by an event (the resources the API lists have no delete events); they are reported.
 Every drift found by ``--repair`` is recorded in ``mirror.anomalies`` (kind ``drift``), resolved
 at once when repaired.

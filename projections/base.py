@@ -13,6 +13,9 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
+# connection_id, event_type and the object key are indexed together in mirror.events;
+# PostgreSQL refuses a B-tree entry over 2704 bytes, so each is held to this many UTF-8 bytes.
+MAX_KEY_BYTES = 768
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
 SqlType = Literal["text", "numeric", "boolean", "timestamptz", "jsonb", "integer"]
 KeyKind = Literal["data.id", "connection_id", "data.failed_url"]
@@ -153,9 +156,9 @@ class Resource:
             return None
         if isinstance(value, int):
             value = str(value)
-        # Bytes, not characters: the key is indexed (see mirror.envelope.MAX_KEY_BYTES).
+        # Bytes, not characters: the key is indexed (see MAX_KEY_BYTES).
         if (not isinstance(value, str) or not value or "\x00" in value
-                or len(value.encode("utf-8", "surrogatepass")) > 768):
+                or len(value.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES):
             return None
         return value
 
