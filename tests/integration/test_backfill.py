@@ -18,8 +18,8 @@ import pytest
 from mirror import backfill as backfill_module
 from mirror.backfill import Progress, ResourceResult, backfill, fetch_truncated
 from mirror.db import init_connection
-from mirror.fold import ksuid_time
 from mirror.history import object_as_of, object_history
+from mirror.ksuid import time_of as ksuid_time
 from mirror.reconcile import reconcile
 from mirror.trackstar_api import (
     ApiSettings,
