@@ -7,6 +7,7 @@ pool made here.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -124,13 +125,22 @@ def resource_ddl(resource: Resource) -> list[str]:
 async def migrate(conn: asyncpg.Connection) -> None:
     """Apply schema.sql and the registry's relations; idempotent and safe to run concurrently."""
     sql = SCHEMA_FILE.read_text()
+    ddl = [s for r in registry.resources() for s in resource_ddl(r)]
+    digest = hashlib.sha256("\n".join(
+        [ENGINE, sql, HISTORY_FILE.read_text(), *ddl,
+         *[f"{r.name}={r.table}" for r in registry.resources()]]).encode()).hexdigest()
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)
+        # Unchanged since the last migration: apply nothing. Re-running DDL would take
+        # exclusive locks on live relations (a worker starting beside readers could deadlock).
+        if await conn.fetchval("SELECT to_regclass('mirror.meta') IS NOT NULL") and \
+                await conn.fetchval("SELECT value FROM mirror.meta WHERE key = 'schema'") \
+                == digest:
+            return
         await _reset_older_engine(conn)
         await conn.execute(sql)
-        for resource in registry.resources():
-            for statement in resource_ddl(resource):
-                await conn.execute(statement)
+        for statement in ddl:
+            await conn.execute(statement)
         # Functions that read the registry-made relations come last.
         history_sql = HISTORY_FILE
         await conn.execute(history_sql.read_text())
@@ -141,6 +151,9 @@ async def migrate(conn: asyncpg.Connection) -> None:
         await conn.execute(
             "INSERT INTO mirror.meta (key, value) VALUES ('engine', $1) "
             "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", ENGINE)
+        await conn.execute(
+            "INSERT INTO mirror.meta (key, value) VALUES ('schema', $1) "
+            "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", digest)
         if await conn.fetchval("SELECT to_regclass('pg_temp.anomalies_engine1') IS NOT NULL"):
             await conn.execute(
                 "INSERT INTO mirror.anomalies (connection_id, resource, object_id, kind, at, "
