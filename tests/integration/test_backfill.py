@@ -15,18 +15,19 @@ from typing import Any
 import asyncpg
 import pytest
 
-from mirror import backfill as backfill_module
-from mirror.backfill import Progress, ResourceResult, backfill, fetch_truncated
 from mirror.db import init_connection
 from mirror.fold import ksuid_time
 from mirror.history import object_as_of, object_history
-from mirror.reconcile import reconcile
-from mirror.trackstar_api import (
+from mirror.trackstar import backfill as backfill_module
+from mirror.trackstar.backfill import Progress, ResourceResult, backfill
+from mirror.trackstar.client import (
     ApiSettings,
     RetryPolicy,
     TrackstarClient,
     retry_after_seconds,
 )
+from mirror.trackstar.completion import fetch_truncated
+from mirror.trackstar.reconcile import reconcile
 from projections import registry
 from tests.conftest import fresh_database
 from tests.fake_trackstar import DROP, FakeTrackstar
