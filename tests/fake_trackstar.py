@@ -60,6 +60,9 @@ class FakeTrackstar:
         self.unsupported: set[str] = set()
         self.error_every = 0                        # every n-th list request answers 503
         self.inject: list[int] = []                 # statuses for the next list requests
+        self.broken_from: int | None = None         # pages from this offset on answer 503
+        self.short_by = 0                           # pages end this many objects early
+        self.data_status: dict[str, int] = {}       # data_url answers by event id (status)
         self.events: dict[str, Any] = {}            # data_url answers by event id
         self.signed: dict[str, Any] = {}            # answers of the links data_url returns
         self.requests: list[Served] = []
@@ -193,15 +196,20 @@ class FakeTrackstar:
             if state.get("filters") != signature:
                 return self._error(400, "page_token does not match the filters: repeat every "
                                         "filter on every page")
+        if self.broken_from is not None and offset >= self.broken_from:
+            return self._error(503, "Service temporarily unavailable")
         items = [obj for _, obj in sorted(self.listed(connection_id, path).items())
                  if _matches(obj, filters)]
+        total = len(items)
+        if self.short_by:
+            items = items[:max(0, total - self.short_by)]
         page = items[offset:offset + limit]
         next_token = None
         if offset + limit < len(items):
             next_token = base64.urlsafe_b64encode(json.dumps(
                 {"offset": offset + limit, "filters": signature}).encode()).decode()
         return web.json_response({"data": page, "next_token": next_token,
-                                  "total_count": len(items)})
+                                  "total_count": total})
 
     async def _data(self, request: web.Request) -> web.Response:
         served = self._record(request, 200)
