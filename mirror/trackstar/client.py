@@ -139,8 +139,8 @@ class RateLimiter:
     async def acquire(self) -> None:
         """Wait for this request's turn."""
         async with self._lock:
-            wait = self._next - self._clock()
-            if wait > 0:
+            # Look again after sleeping: a 429 answered meanwhile may have moved the turn.
+            while (wait := self._next - self._clock()) > 0:
                 await self._sleep(wait)
             self._next = max(self._clock(), self._next) + self._interval
 

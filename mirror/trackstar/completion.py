@@ -65,7 +65,7 @@ SELECT e.connection_id, e.event_id,
 FROM mirror.events e
 LEFT JOIN mirror.events f ON f.event_id = 'fetch_' || e.event_id
 WHERE e.unusable_reason = 'data truncated' AND e.connection_id IS NOT NULL
-  AND ($1::interval IS NULL OR e.received_at > clock_timestamp() - $1::interval)
+  AND ($1::float8 IS NULL OR e.received_at > clock_timestamp() - make_interval(secs => $1))
   AND NOT EXISTS (SELECT 1 FROM mirror.completions c
                   WHERE c.connection_id = e.connection_id AND c.event_id = e.event_id)
 ON CONFLICT (connection_id, event_id) DO NOTHING
@@ -289,7 +289,7 @@ class CompletionWorker:
                  batch_size: int = 8, lease_seconds: float = 120.0,
                  retry: RetryPolicy | None = None, request_timeout: float = 20.0,
                  max_attempts: int = 25, max_backoff: float = 3600.0,
-                 recent: str = "10 minutes", full_scan_every: float = 300.0) -> None:
+                 recent_seconds: float = 600.0, full_scan_every: float = 300.0) -> None:
         self._pool = pool
         self._api = api
         self._metrics = metrics
@@ -303,7 +303,7 @@ class CompletionWorker:
         self._timeout = request_timeout
         self._max_attempts = max_attempts
         self._max_backoff = max_backoff
-        self._recent = recent
+        self._recent = recent_seconds
         self._full_scan_every = full_scan_every
         self.owner = f"{socket.gethostname()}:{os.getpid()}:completion"
         self._task: asyncio.Task[None] | None = None
@@ -332,6 +332,7 @@ class CompletionWorker:
         last_full = -self._full_scan_every
         async with TrackstarClient(self._api, retry=self._retry,
                                    timeout=self._timeout) as client:
+            pause = self._poll
             while not self._stopping.is_set():
                 handled = 0
                 try:
@@ -339,14 +340,16 @@ class CompletionWorker:
                     handled = await self.run_once(client, full_scan=full)
                     if full:
                         last_full = loop.time()
+                    pause = self._poll
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # the database is down, say: try again later
                     log.warning("completion round failed",
                                 extra={"error": f"{type(exc).__name__}: {str(exc)[:200]}"})
-                if handled == 0:
+                    pause = min(30.0, max(pause * 2, 1.0))
+                if handled == 0 or pause > self._poll:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stopping.wait(), self._poll)
+                        await asyncio.wait_for(self._stopping.wait(), pause)
 
     async def run_once(self, client: TrackstarClient, *, full_scan: bool = False) -> int:
         """Discover new stubs, claim a batch and complete it; the number of deliveries
