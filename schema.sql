@@ -35,14 +35,18 @@ CREATE TABLE IF NOT EXISTS mirror.events (
     body_sha256         bytea NOT NULL,           -- sha256 of the body exactly as received
     redacted            boolean NOT NULL DEFAULT false,
     unusable_reason     text,                     -- why it cannot be projected; NULL if it can
-    -- Projection partition: a stable hash of the object key, so one object's events always land
-    -- in one partition (per-object order) and partitions can be folded in parallel.
-    part                smallint NOT NULL GENERATED ALWAYS AS (
-                            ((hashtext(coalesce(resource, '') || '/' || coalesce(connection_id, '')
-                               || '/' || coalesce(object_id, event_id)) & 2147483647) % 16)::smallint
-                        ) STORED,
     CONSTRAINT events_event_id_key UNIQUE (event_id)
 );
+
+-- Projection partition (0..127): a stable hash of the connection and object key, so one
+-- object's events always land in one partition and partitions can be folded in parallel by any
+-- number of workers on any hosts. (Added separately so that `mirror migrate` can re-partition
+-- a log made by an older engine.)
+ALTER TABLE mirror.events ADD COLUMN IF NOT EXISTS
+    part smallint NOT NULL GENERATED ALWAYS AS (
+        ((hashtext(coalesce(resource, '') || '/' || coalesce(connection_id, '')
+           || '/' || coalesce(object_id, event_id)) & 2147483647) % 128)::smallint
+    ) STORED;
 
 CREATE INDEX IF NOT EXISTS events_part_txid_position ON mirror.events (part, txid, position);
 CREATE INDEX IF NOT EXISTS events_object ON mirror.events (resource, connection_id, object_id)
@@ -83,77 +87,115 @@ CREATE OR REPLACE TRIGGER events_notify
     FOR EACH STATEMENT EXECUTE FUNCTION mirror.notify_append();
 
 -- ---------------------------------------------------------------------------------------------
--- Projection bookkeeping.
+-- Projection bookkeeping (mirror/projector.py, mirror/store.py).
 -- ---------------------------------------------------------------------------------------------
--- One checkpoint per partition: the (txid, position) of the last event folded. It advances in
--- the same transaction as the rows it produced, guarded by its previous value.
+-- The engine generation these relations were built by. `mirror migrate` compares it with the
+-- code's (mirror/db.py ENGINE): on a change it drops the projections and re-partitions the log,
+-- and the workers rebuild everything from mirror.events (the log itself is never touched).
+CREATE TABLE IF NOT EXISTS mirror.meta (
+    key   text PRIMARY KEY,
+    value text NOT NULL
+);
+
+-- One row per partition (128 of them; see mirror.events.part): the (txid, position) of the
+-- last event folded, and which worker holds the partition's lease until when. The checkpoint
+-- advances in the same transaction as the rows it produced, with the row locked FOR UPDATE and
+-- the owner checked, so a worker whose lease was taken over can never apply a page twice.
 CREATE TABLE IF NOT EXISTS mirror.checkpoints (
     part          smallint PRIMARY KEY,
     last_txid     xid8 NOT NULL DEFAULT '0'::xid8,
     last_position bigint NOT NULL DEFAULT 0,
+    owner         text,                            -- host:pid:worker holding the lease
+    lease_until   timestamptz,
     updated_at    timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO mirror.checkpoints (part)
-SELECT g FROM generate_series(0, 15) AS g
+SELECT g FROM generate_series(0, 127) AS g
 ON CONFLICT (part) DO NOTHING;
 
+-- "Is this event still waiting to be folded?": the one definition, used by the lag figures,
+-- caught_up, reconcile and the tests. Per partition it is an index range scan after the
+-- checkpoint.
+CREATE OR REPLACE VIEW mirror.unprojected_events AS
+SELECT e.*
+FROM mirror.checkpoints c
+JOIN mirror.events e
+  ON e.part = c.part AND (e.txid, e.position) > (c.last_txid, c.last_position);
+
 -- Every object ever seen, one row each (also after deletion): resolves ids to connections
--- without scanning history.
+-- without scanning history. known_from: when the first of its events was received;
+-- first_received: the earliest instant of any received event (a derived version after it is a
+-- missed webhook). Written when an object appears or either value moves earlier.
 CREATE TABLE IF NOT EXISTS mirror.objects (
-    resource      text NOT NULL,
-    object_id     text NOT NULL,
-    connection_id text NOT NULL,
-    versions      integer NOT NULL,
-    deleted       boolean NOT NULL,
-    first_valid   timestamptz,
-    last_valid    timestamptz,
-    PRIMARY KEY (resource, object_id, connection_id)
+    connection_id  text NOT NULL,
+    resource       text NOT NULL,
+    object_id      text NOT NULL,
+    known_from     timestamptz NOT NULL,
+    first_received timestamptz NOT NULL,
+    PRIMARY KEY (connection_id, resource, object_id)
 );
+CREATE INDEX IF NOT EXISTS objects_id ON mirror.objects (resource, object_id);
 
--- Every version of every object. A version is valid from valid_from (inclusive) to valid_to
--- (exclusive; NULL = still valid). data IS NULL marks a deletion (tombstone). known_from is
--- when the mirror received the event that carries or reveals it.
-CREATE TABLE IF NOT EXISTS mirror.versions (
-    resource      text NOT NULL,
+-- Every candidate state of every object (CONTRACT §5/§6): the state each event carries (or its
+-- deletion) and the state each update reveals, at its own valid time, with the time the mirror
+-- learnt it (known_from) and what decides ties at one instant (deleted, derived, sent_at,
+-- event_id, and the predecessor the event reveals, prev_hash). An answer "as known at K" is
+-- decided among the candidates with known_from <= K alone (mirror.version_at), so no later
+-- delivery can change it. `wins` marks the collapsed timeline once every event is counted
+-- (mirror.versions); valid_to is set on those rows only.
+-- data is NULL when the state is the carrying event's own data: the log holds it already.
+CREATE TABLE IF NOT EXISTS mirror.states (
     connection_id text NOT NULL,
+    resource      text NOT NULL,
     object_id     text NOT NULL,
-    seq           integer NOT NULL,                -- position in the object's history, from 0
     valid_from    timestamptz NOT NULL,
-    valid_to      timestamptz,
-    data          jsonb,
-    event_id      text NOT NULL,
-    event_type    text NOT NULL,
-    derived       boolean NOT NULL DEFAULT false,  -- revealed by previous_attributes
-    known_from    timestamptz NOT NULL,
     position      bigint NOT NULL,                 -- log position of the carrying event
-    PRIMARY KEY (resource, object_id, connection_id, seq)
+    derived       boolean NOT NULL,                -- revealed by previous_attributes
+    known_from    timestamptz NOT NULL,            -- received_at of that event
+    sent_at       timestamptz NOT NULL,            -- svix-id time, or fetch time for snapshots
+    event_id      text NOT NULL,
+    deleted       boolean NOT NULL,
+    state_hash    bytea,                           -- equal states, equal hashes (null = absent)
+    prev_hash     bytea,                           -- the predecessor a received update reveals
+    data          jsonb,                           -- NULL: mirror.events.data at position
+    wins          boolean NOT NULL,
+    valid_to      timestamptz,                     -- winners only; NULL while current
+    PRIMARY KEY (connection_id, resource, object_id, valid_from, position, derived)
 );
-CREATE INDEX IF NOT EXISTS versions_as_of
-    ON mirror.versions (resource, object_id, connection_id, valid_from DESC, seq DESC);
-CREATE INDEX IF NOT EXISTS versions_table_as_of ON mirror.versions (resource, valid_from);
 
--- Field-level change feed: one row per changed dotted path per version.
+-- The collapsed timeline of every object: one row per version, valid from valid_from
+-- (inclusive) to valid_to (exclusive; NULL = still valid). data IS NULL marks a deletion.
+CREATE OR REPLACE VIEW mirror.versions AS
+SELECT s.resource, s.connection_id, s.object_id, s.valid_from, s.valid_to,
+       CASE WHEN s.deleted THEN NULL ELSE coalesce(s.data, e.data) END AS data,
+       s.event_id, e.event_type, s.derived, s.known_from, s.position
+FROM mirror.states s
+JOIN mirror.events e ON e.position = s.position
+WHERE s.wins;
+
+-- Field-level change feed: one row per changed dotted path between consecutive versions.
 CREATE TABLE IF NOT EXISTS mirror.changes (
-    resource      text NOT NULL,
     connection_id text NOT NULL,
+    resource      text NOT NULL,
     id            text NOT NULL,
-    seq           integer NOT NULL,                -- the version (mirror.versions.seq) it leads to
-    changed_at    timestamptz NOT NULL,
+    changed_at    timestamptz NOT NULL,            -- the valid_from of the version it leads to
     path          text NOT NULL,
     old_value     jsonb,
     new_value     jsonb,
     event_id      text NOT NULL,
-    derived       boolean NOT NULL DEFAULT false
+    derived       boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (connection_id, resource, id, changed_at, path)
 );
-CREATE INDEX IF NOT EXISTS changes_object ON mirror.changes (resource, id, connection_id, seq);
 CREATE INDEX IF NOT EXISTS changes_time ON mirror.changes (changed_at);
 
--- What the set of events reveals is wrong: missed webhooks, conflicting states.
+-- What the set of events reveals is wrong: missed_webhook, conflict, inconsistent, clock_skew,
+-- unplaceable (previous_attributes that cannot be applied), and reconcile's drift. A re-fold
+-- marks the fold's own kinds it no longer finds resolved, never deletes them.
 CREATE TABLE IF NOT EXISTS mirror.anomalies (
-    resource      text NOT NULL,
     connection_id text NOT NULL,
+    resource      text NOT NULL,
     object_id     text NOT NULL,
-    kind          text NOT NULL,                   -- 'missed_webhook' | 'conflict'
+    kind          text NOT NULL,
     at            timestamptz NOT NULL,
     event_id      text NOT NULL,                   -- the event that revealed it
     paths         text[] NOT NULL DEFAULT '{}',
@@ -161,18 +203,20 @@ CREATE TABLE IF NOT EXISTS mirror.anomalies (
     detected_at   timestamptz NOT NULL DEFAULT now(),
     resolved_at   timestamptz,
     resolved_by   text,
-    PRIMARY KEY (resource, object_id, connection_id, kind, at, event_id)
+    PRIMARY KEY (connection_id, resource, object_id, kind, at, event_id)
 );
+CREATE INDEX IF NOT EXISTS anomalies_open ON mirror.anomalies (detected_at)
+    WHERE resolved_at IS NULL;
 
 -- Objects whose fold raised: skipped until a later event folds them cleanly.
 CREATE TABLE IF NOT EXISTS mirror.poison (
-    resource      text NOT NULL,
     connection_id text NOT NULL,
+    resource      text NOT NULL,
     object_id     text NOT NULL,
     reason        text NOT NULL,
     last_position bigint NOT NULL,
     recorded_at   timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (resource, object_id, connection_id)
+    PRIMARY KEY (connection_id, resource, object_id)
 );
 
 -- ---------------------------------------------------------------------------------------------
@@ -227,7 +271,7 @@ CREATE INDEX IF NOT EXISTS completions_due ON mirror.completions (next_attempt_a
 -- Projection workers' heartbeats, wherever they run (the child of `mirror serve`, or
 -- `mirror project` on other machines): /readyz and `mirror status` read them.
 CREATE TABLE IF NOT EXISTS mirror.workers (
-    name       text PRIMARY KEY,                 -- host:pid:worker
+    name       text PRIMARY KEY,                 -- host:pid:worker (the lease owner's name)
     started_at timestamptz NOT NULL DEFAULT now(),
     beat_at    timestamptz NOT NULL DEFAULT now()
 );

@@ -21,7 +21,8 @@ from bench.workload import T0, generate
 from mirror import envelope
 from mirror.db import init_connection, migrate
 from mirror.log import Record, insert_records
-from mirror.projector import PARTITIONS, project_batch
+from mirror.progress import PARTITIONS
+from mirror.projector import project_page
 from mirror.rebuild import rebuild
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,13 +123,10 @@ async def _as_of(dsn: str) -> dict[str, Any]:
             for start in range(0, len(records), 5000):
                 await insert_records(conn, records[start : start + 5000])
         while True:
-            done = 0
-            for part in range(PARTITIONS):
-                async with conn.transaction():
-                    done += await project_batch(conn, part, 20_000)
+            done = await project_page(conn, list(range(PARTITIONS)), page_size=20_000)
             if done == 0:
                 break
-        await conn.execute("ANALYZE mirror.versions")
+        await conn.execute("ANALYZE mirror.states")
         statement = await conn.prepare("SELECT mirror.object_as_of('inventory', $1, $2)")
         out: dict[str, Any] = {}
         for depth in (1, 100, 10_000):

@@ -155,16 +155,17 @@ def cmd_project(args: argparse.Namespace) -> int:
                     log.warning("waiting for the database", extra={"error": str(exc)})
                     await asyncio.sleep(1.0)
         pool = await create_pool(url)
-        batch = int(os.environ.get("MIRROR_BATCH_SIZE", "500") or 500)
+        settings = Settings.from_env(os.environ, database_url=url, require_secrets=False)
         metrics = Metrics() if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else None
-        projector = Projector(pool, url, workers=args.workers, batch_size=batch,
+        workers = args.workers or settings.workers
+        projector = Projector(pool, url, workers=workers, batch_size=settings.batch_size,
                               metrics=metrics)
         projector.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        log.info("projection workers running", extra={"workers": args.workers})
+        log.info("projection workers running", extra={"workers": workers})
         await stop.wait()
         await projector.stop()
         await pool.close()
@@ -371,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
     sub.add_parser("migrate", help="apply schema.sql (idempotent)").set_defaults(func=cmd_migrate)
     project = sub.add_parser("project", help="run projection workers only")
-    project.add_argument("--workers", type=int, default=2)
+    project.add_argument("--workers", type=int, default=None,
+                         help="worker tasks in this process (default: MIRROR_WORKERS, 1)")
     project.add_argument("--no-migrate", action="store_true",
                          help="do not apply schema.sql first (mirror serve already did)")
     project.set_defaults(func=cmd_project)

@@ -22,6 +22,10 @@ from projections.base import Column, Resource
 SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schema.sql"
 HISTORY_FILE = Path(__file__).resolve().parent / "history.sql"
 _MIGRATE_LOCK = 7_205_001  # advisory lock key: one migration at a time
+# The projection engine's generation. When the stored one differs, `migrate` drops what the
+# projections built (never the log, never reconcile's drift anomalies) and re-partitions the
+# log; the workers then fold everything again from mirror.events.
+ENGINE = "2"
 
 T = TypeVar("T")
 
@@ -94,11 +98,14 @@ def resource_ddl(resource: Resource) -> list[str]:
             data jsonb NOT NULL,
             created_date timestamptz,
             updated_date timestamptz,
-            version_seq integer NOT NULL,
+            valid_from timestamptz NOT NULL,
             event_id text NOT NULL,
             PRIMARY KEY (connection_id, id))""",
         f"CREATE INDEX IF NOT EXISTS {table}_id ON mirror.{table} (id)",
         f"CREATE INDEX IF NOT EXISTS {table}_updated ON mirror.{table} (updated_date)",
+        # table_as_of: the versions alive at a time, without reading every version before it.
+        f"CREATE INDEX IF NOT EXISTS states_alive_{resource.name} ON mirror.states USING gist "
+        f"(tstzrange(valid_from, valid_to)) WHERE wins AND resource = '{resource.name}'",
     ]
     out += [s.format(t=table) for s in coldefs(resource.columns)]
     for child in resource.children:
@@ -119,6 +126,7 @@ async def migrate(conn: asyncpg.Connection) -> None:
     sql = SCHEMA_FILE.read_text()
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)
+        await _reset_older_engine(conn)
         await conn.execute(sql)
         for resource in registry.resources():
             for statement in resource_ddl(resource):
@@ -130,6 +138,36 @@ async def migrate(conn: asyncpg.Connection) -> None:
             "INSERT INTO mirror.resources (name, table_name) VALUES ($1, $2) "
             "ON CONFLICT (name) DO UPDATE SET table_name = EXCLUDED.table_name",
             [(r.name, r.table) for r in registry.resources()])
+        await conn.execute(
+            "INSERT INTO mirror.meta (key, value) VALUES ('engine', $1) "
+            "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", ENGINE)
+        if await conn.fetchval("SELECT to_regclass('pg_temp.anomalies_engine1') IS NOT NULL"):
+            await conn.execute(
+                "INSERT INTO mirror.anomalies (connection_id, resource, object_id, kind, at, "
+                "event_id, paths, detail, detected_at, resolved_at, resolved_by) "
+                "SELECT connection_id, resource, object_id, kind, at, event_id, paths, detail, "
+                "detected_at, resolved_at, resolved_by FROM pg_temp.anomalies_engine1 "
+                "ON CONFLICT DO NOTHING")
+            await conn.execute("DROP TABLE pg_temp.anomalies_engine1")
+
+
+async def _reset_older_engine(conn: asyncpg.Connection) -> None:
+    """Drop the projections an older engine built, keeping the log and reconcile's drift."""
+    if not await conn.fetchval("SELECT to_regclass('mirror.events') IS NOT NULL"):
+        return  # a fresh database
+    if await conn.fetchval("SELECT to_regclass('mirror.meta') IS NOT NULL") and \
+            await conn.fetchval("SELECT value FROM mirror.meta WHERE key = 'engine'") == ENGINE:
+        return
+    await conn.execute("DROP VIEW IF EXISTS mirror.versions")
+    await conn.execute("CREATE TEMP TABLE anomalies_engine1 ON COMMIT DROP AS "
+                       "SELECT * FROM mirror.anomalies WHERE kind = 'drift'")
+    for table in ("versions", "states", "changes", "anomalies", "objects", "poison",
+                  "checkpoints"):
+        await conn.execute(f"DROP TABLE IF EXISTS mirror.{table} CASCADE")
+    for resource in registry.resources():
+        for name in (resource.table, *[c.table for c in resource.children]):
+            await conn.execute(f"DROP TABLE IF EXISTS mirror.{name} CASCADE")
+    await conn.execute("ALTER TABLE mirror.events DROP COLUMN IF EXISTS part")
 
 
 @asynccontextmanager

@@ -31,3 +31,7 @@ class BadRequest(MirrorError):
 
 class AmbiguousObject(MirrorError):
     """An id exists in several connections and no connection_id was given."""
+
+
+class Conflict(MirrorError):
+    """Another worker moved what this one was about to move (a checkpoint); it retries."""

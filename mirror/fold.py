@@ -1,28 +1,43 @@
-"""The fold: one object's events in, its whole history out. Pure, no I/O.
+"""The fold: one object's events in, its timeline out. Pure, no I/O.
 
-The live projector, `mirror rebuild` and point-in-time reconstruction all use this one
-function, so they cannot disagree. An object's history is a function of the *set* of its
-events: the events are sorted by the object's own time before anything else happens.
+CONTRACT §5 in code. Every event yields its *candidates* on its own, whatever else exists:
+the state it carries (or its deletion), placed at the object's own time, and — for an update
+whose ``previous_attributes`` carry an earlier ``updated_date`` — the state it reveals, placed
+at that time. The fold then walks the instants in time order and decides each one by the set
+of candidates at it alone:
+
+    deletion > received > derived; among received, a state that another one at the same
+    instant reveals as its predecessor comes first; then the svix-id time (for snapshots, the
+    fetch time), then the id's text; the last one holds.
+
+Because a candidate depends on its own event only, the store can keep every candidate with the
+time it became known (``known_from``) and answer "the state at T as known at K" by deciding
+the same way among the candidates known by K (mirror/history.sql does exactly that in SQL).
+
+The live projector, `mirror rebuild` and the tests share ``candidates_of`` and ``fold_from``:
+a full fold is ``fold_from(resource, None, every candidate)``, and a late event re-folds only
+from its own instant onward, starting from the version in force just before it.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
-from collections.abc import Mapping, Sequence
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from mirror import paths
+import orjson
+
+from mirror import ksuid, paths
 from projections.base import Resource, parse_time
 
-_KSUID_EPOCH = 1_400_000_000
-_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_B62 = {c: i for i, c in enumerate(_BASE62)}
-_TIME_FIELDS = ("updated_date", "trackstar_updated_date", "last_seen", "created_date",
-                "trackstar_created_date")
-_DELETE_TIME_FIELDS = ("deleted_date", "updated_date", "trackstar_updated_date", "last_seen")
+# A payload time more than this far after the event was sent is a WMS clock bug (§5).
+CLOCK_SKEW = timedelta(minutes=5)
+_UPDATE_TIMES = ("updated_date", "trackstar_updated_date", "last_seen")
+_CREATE_TIMES = ("created_date", "trackstar_created_date")
+# Kinds the fold itself finds (and so may resolve when a re-fold no longer finds them).
+FOLD_KINDS = ("missed_webhook", "conflict", "inconsistent", "clock_skew", "unplaceable")
 
 
 @dataclass(frozen=True)
@@ -37,28 +52,53 @@ class Event:
     data: dict[str, Any]
     previous_attributes: dict[str, Any] | None = None
     envelope: Mapping[str, Any] = field(default_factory=dict)
+    origin: str = "webhook"
 
 
 @dataclass(frozen=True)
-class Version:
-    """One state of an object and the interval in which it held."""
+class Anomaly:
+    """Something the set of events shows to be wrong or missing."""
 
-    seq: int
+    kind: str  # one of FOLD_KINDS
+    at: datetime
+    event_id: str
+    paths: tuple[str, ...]
+    detail: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Candidate:
+    """One state an event claims for its object at one instant (or the object's deletion)."""
+
     valid_from: datetime
-    valid_to: datetime | None
-    data: dict[str, Any] | None      # None: deleted
+    known_from: datetime          # when the mirror received the carrying/revealing event
+    position: int                 # that event's log position
     event_id: str
     event_type: str
-    derived: bool
-    known_from: datetime
-    position: int
+    sent_at: datetime             # svix-id time; for snapshots, when they were fetched
+    derived: bool                 # revealed by previous_attributes
+    deleted: bool
+    data: dict[str, Any] | None   # None when deleted
+    state_hash: bytes | None      # equality of states: null ≡ absent, JSON types kept
+    prev_hash: bytes | None = None        # the predecessor this received update reveals
+    stored: bool = False          # data must be stored: it is not the event's own data
+    # A revealed state that could not be placed in time: (named paths, the state), checked
+    # against the state just before this candidate's instant.
+    check: tuple[tuple[str, ...], dict[str, Any]] | None = None
+    wins: bool = False            # part of the collapsed timeline of every event counted
+    valid_to: datetime | None = None
+    envelope: Mapping[str, Any] | None = None  # for resources that merge partial events
+
+    def rank(self, predecessors: set[bytes]) -> tuple[bool, bool, bool, datetime, str]:
+        """The order that decides one instant; the greatest holds (see the module doc)."""
+        sink = self.deleted or self.derived or self.state_hash not in predecessors
+        return (self.deleted, not self.derived, sink, self.sent_at, self.event_id)
 
 
 @dataclass(frozen=True)
 class Change:
     """One changed dotted path between two consecutive versions."""
 
-    seq: int
     changed_at: datetime
     path: str
     old_value: Any
@@ -68,238 +108,298 @@ class Change:
 
 
 @dataclass(frozen=True)
-class Anomaly:
-    """Something the set of events shows to be wrong or missing."""
+class Prior:
+    """The version in force just before a re-fold's first instant (None: there is none)."""
 
-    kind: str  # 'missed_webhook' | 'inconsistent' | 'conflict' | 'unplaceable'
-    at: datetime
+    valid_from: datetime
+    data: dict[str, Any] | None
+    state_hash: bytes | None
+    deleted: bool
     event_id: str
-    paths: tuple[str, ...]
-    detail: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class History:
-    """Everything the fold derives for one object."""
-
-    versions: tuple[Version, ...]
-    changes: tuple[Change, ...]
-    anomalies: tuple[Anomaly, ...]
-    # A partial history (from fold_append) starts at the stored tail version: the rows before
-    # it are unchanged and are not repeated here.
-    partial: bool = False
-
-    @property
-    def current(self) -> Version | None:
-        return self.versions[-1] if self.versions else None
-
-
-@functools.lru_cache(maxsize=65536)
-def ksuid_time(message_id: str) -> datetime | None:
-    """The creation time encoded in a Svix message id (``msg_`` + 27-char KSUID), if any."""
-    text = message_id.rsplit("_", 1)[-1]
-    if len(text) != 27:
-        return None
-    number = 0
-    for char in text:
-        digit = _B62.get(char)
-        if digit is None:
-            return None
-        number = number * 62 + digit
-    if number >= 1 << 160:
-        return None
-    seconds = number >> 128
-    try:
-        return datetime.fromtimestamp(_KSUID_EPOCH + seconds, tz=UTC)
-    except (OverflowError, ValueError, OSError):
-        return None
-
-
-def object_time(event: Event, deleting: bool) -> datetime:
-    """The object's own time for an event: payload timestamps, then svix-id, then arrival."""
-    for name in _DELETE_TIME_FIELDS if deleting else _TIME_FIELDS:
-        parsed = parse_time(event.data.get(name))
-        if parsed is not None:
-            return parsed
-    return ksuid_time(event.event_id) or event.received_at
+    position: int
+    derived: bool
 
 
 @dataclass
-class _Candidate:
-    valid_from: datetime
-    derived: bool
-    position: int
-    event: Event
-    data: dict[str, Any] | None
+class Folded:
+    """What a fold from some instant on produces."""
 
-    def key(self) -> tuple[datetime, int, int]:
-        # Received beats derived at one instant; then ties keep log order (CONTRACT §5).
-        return (self.valid_from, 0 if self.derived else 1, self.position)
+    candidates: list[Candidate]           # every candidate from that instant on, to store
+    anomalies: list[Anomaly]
+    changes: list[Change]
+    prior_valid_to: datetime | None       # the prior version's new end (None: still current)
+    current: Candidate | Prior | None     # the version in force after the last instant
 
-
-def fold(resource: Resource, events: Sequence[Event]) -> History:
-    """Every version, change and anomaly of one object, from the set of its events."""
-    history = _fold(resource, events, None)
-    assert history is not None
-    return history
+    @property
+    def versions(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.wins]
 
 
-def fold_append(resource: Resource, tail: Version, events: Sequence[Event]) -> History | None:
-    """The history that ``events`` add after the stored last version ``tail``, or None when
-    any of them (or a state one reveals) belongs before it: then only a full fold is right.
-
-    The result is partial: its first version is ``tail`` with its new ``valid_to``; the
-    anomalies and changes are the new ones. A full fold of every event gives the same rows.
-    """
-    return _fold(resource, events, tail)
+# ---------------------------------------------------------------------------------------------
+# States and their equality
 
 
-def _candidates(resource: Resource, events: Sequence[Event]) -> list[_Candidate]:
-    out = []
-    for event in events:
-        deleting = event.kind in resource.deletes
-        out.append(_Candidate(object_time(event, deleting), False, event.position, event,
-                              None if deleting else event.data))
-    return out
+def _strip_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_strip_nulls(v) for v in value]
+    return value
 
 
-def _seed(tail: Version) -> _Candidate:
-    event = Event(tail.position, tail.event_id, tail.event_type, "", tail.known_from,
-                  tail.data or {})
-    return _Candidate(tail.valid_from, tail.derived, tail.position, event, tail.data)
+def state_hash(data: Mapping[str, Any]) -> bytes:
+    """A digest equal for equal states: a null field and an absent one are the same, and
+    values compare as JSON (``1`` is not ``true``, key order does not matter)."""
+    text = orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+    if b"null" in text:
+        text = orjson.dumps(_strip_nulls(data), option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(text, digest_size=16).digest()
 
 
-def _fold(resource: Resource, events: Sequence[Event], tail: Version | None) -> History | None:
-    received = _candidates(resource, events)
-    base = 0
-    if tail is not None:
-        seed = _seed(tail)
-        if any(c.key() <= seed.key() for c in received):
-            return None
-        received.append(seed)
-        base = tail.seq
-    received.sort(key=_Candidate.key)
-    # Resources with partial payloads merge each event into the state before it.
-    if resource.state is not None:
-        state: dict[str, Any] | None = None
-        for cand in received:
-            if tail is not None and cand is received[0]:
-                state = cand.data
-                continue
-            if cand.data is not None:
-                state = resource.next_state(state, cand.data, cand.event.envelope)
-                cand.data = state
-            else:
-                state = None
+def same_value(a: Any, b: Any) -> bool:
+    """JSON equality with null ≡ absent (for the values at one path)."""
+    return orjson.dumps(_strip_nulls(a), option=orjson.OPT_SORT_KEYS) == \
+        orjson.dumps(_strip_nulls(b), option=orjson.OPT_SORT_KEYS)
+
+
+# ---------------------------------------------------------------------------------------------
+# One event's candidates
+
+
+def _created_kinds(resource: Resource) -> frozenset[str]:
+    # `order.created` counts, `order.shipment.created` does not (its data is the whole order,
+    # but its created_date is the order's, not the time of this state).
+    return frozenset(k for k in resource.events if k.endswith(".created") and k.count(".") == 1)
+
+
+def sent_time(event: Event) -> datetime:
+    """When the event was sent: the svix-id's KSUID time; for a snapshot (backfill,
+    reconcile, fetch) or an id that is not a KSUID, when the mirror received it."""
+    if event.origin == "webhook":
+        at = ksuid.time_of(event.event_id)
+        if at is not None:
+            return at
+    return event.received_at
+
+
+def object_time(resource: Resource, event: Event, deleting: bool) -> tuple[datetime, bool]:
+    """(the object's own time for this event, whether a payload field gave it)."""
+    names: tuple[str, ...] = _UPDATE_TIMES
+    if deleting:
+        names = ("deleted_date", *names)
+    if event.kind in _created_kinds(resource):
+        names = (*names, *_CREATE_TIMES)
+    for name in names:
+        parsed = parse_time(event.data.get(name))
+        if parsed is not None:
+            return parsed, True
+    return ksuid.time_of(event.event_id) or event.received_at, False
+
+
+def candidates_of(resource: Resource, event: Event) -> tuple[list[Candidate], list[Anomaly]]:
+    """The candidates one event yields on its own (its state, and the state it reveals when
+    that has an earlier time of its own), and the anomalies it shows by itself."""
     anomalies: list[Anomaly] = []
-    _same_instant(received, anomalies)
-    derived = _revealed(received, anomalies)
-    if tail is not None and any(c.key() <= received[0].key() for c in derived):
-        return None
-    timeline = _place(received, derived, anomalies)
-    versions: list[Version] = []
-    for index, cand in enumerate(timeline):
-        seq = base + index
-        valid_to = timeline[index + 1].valid_from if index + 1 < len(timeline) else None
-        versions.append(Version(seq, cand.valid_from, valid_to, cand.data, cand.event.event_id,
-                                cand.event.event_type, cand.derived, cand.event.received_at,
-                                cand.position))
-    changes: list[Change] = []
-    for before, after in itertools.pairwise(versions):
-        if before.data is None or after.data is None:
-            continue
-        for path, old, new in paths.changes(before.data, after.data):
-            changes.append(Change(after.seq, after.valid_from, path, old, new, after.event_id,
-                                  after.derived))
-    return History(tuple(versions), tuple(changes), tuple(anomalies), partial=tail is not None)
-
-
-def _revealed(received: list[_Candidate], anomalies: list[Anomaly]) -> list[_Candidate]:
-    """States revealed by reverting each update's previous_attributes, at their own time.
-
-    A revealed state without a time of its own is checked against the received state just
-    before it instead: a difference means a change whose webhook never arrived, at a time
-    nobody told us ('inconsistent')."""
-    out: list[_Candidate] = []
-    for index, cand in enumerate(received):
-        event = cand.event
-        previous = event.previous_attributes
-        if not previous or cand.data is None or event.data is not cand.data:
-            continue
+    deleting = event.kind in resource.deletes
+    sent = sent_time(event)
+    at, from_payload = object_time(resource, event, deleting)
+    if from_payload and at > sent + CLOCK_SKEW:
+        anomalies.append(Anomaly("clock_skew", sent, event.event_id, (),
+                                 {"claimed": at.isoformat(), "placed": sent.isoformat()}))
+        at = sent
+    merged = resource.state is not None
+    data = None if deleting else event.data
+    received = Candidate(at, event.received_at, event.position, event.event_id,
+                         event.event_type, sent, False, deleting, data,
+                         None if data is None else state_hash(data), stored=merged,
+                         envelope=event.envelope if merged else None)
+    out = [received]
+    previous = event.previous_attributes
+    if previous and data is not None and not merged:
         try:
-            before = paths.revert(event.data, previous).previous
+            before = paths.revert(data, previous).previous
         except (paths.PathError, ValueError, TypeError, KeyError, IndexError) as exc:
-            anomalies.append(Anomaly("unplaceable", cand.valid_from, event.event_id,
-                                     tuple(sorted(previous)), {"error": str(exc)[:500]}))
+            anomalies.append(Anomaly("unplaceable", at, event.event_id, tuple(sorted(previous)),
+                                     {"error": str(exc)[:500]}))
+            return out, anomalies
+        received.prev_hash = state_hash(before)
+        revealed_at = parse_time(before.get("updated_date")) if "updated_date" in previous \
+            else None
+        if revealed_at is not None and revealed_at < at:
+            out.append(Candidate(revealed_at, event.received_at, event.position, event.event_id,
+                                 event.event_type, sent, True, False, before, received.prev_hash,
+                                 stored=True))
+        else:
+            received.check = (tuple(sorted(previous)), before)
+    return out, anomalies
+
+
+# ---------------------------------------------------------------------------------------------
+# The fold
+
+
+def _value_at(doc: Any, dotted: str) -> Any:
+    node = doc
+    for segment in paths.resolve(doc, dotted):
+        if isinstance(node, dict) and isinstance(segment, str):
+            node = node.get(segment)
+        elif isinstance(node, list) and isinstance(segment, int) and segment < len(node):
+            node = node[segment]
+        else:
+            return None
+    return node
+
+
+def _decide(cands: list[Candidate]) -> tuple[Candidate, set[bytes]]:
+    """The candidate that holds at one instant, and the predecessor states it stands on."""
+    received = [c for c in cands if not c.derived and not c.deleted]
+    predecessors = {c.prev_hash for c in received
+                    if c.prev_hash is not None and c.prev_hash != c.state_hash}
+    winner = max(cands, key=lambda c: c.rank(predecessors))
+    chain: set[bytes] = set()
+    frontier = [winner.state_hash] if winner.state_hash is not None else []
+    while frontier:
+        h = frontier.pop()
+        for c in received:
+            if c.state_hash == h and c.prev_hash is not None and c.prev_hash not in chain:
+                chain.add(c.prev_hash)
+                frontier.append(c.prev_hash)
+    return winner, chain
+
+
+def _changed_paths(a: dict[str, Any] | None, b: dict[str, Any] | None) -> tuple[str, ...]:
+    if a is None or b is None:
+        return ()
+    try:
+        return tuple(p for p, old, new in paths.changes(a, b) if not same_value(old, new))
+    except paths.PathError:
+        return ()
+
+
+def fold_from(resource: Resource, prior: Prior | None, candidates: Iterable[Candidate],
+              first_received: datetime | None = None) -> Folded:
+    """The timeline from the earliest of ``candidates`` on, given the version in force just
+    before it (``prior``) and the earliest instant of any received event of the object
+    (``first_received``, for missed webhooks). ``candidates`` must be every candidate of the
+    object at or after that instant."""
+    by_instant: dict[datetime, list[Candidate]] = {}
+    for c in candidates:
+        by_instant.setdefault(c.valid_from, []).append(c)
+        if not c.derived and (first_received is None or c.valid_from < first_received):
+            first_received = c.valid_from
+    merged = resource.state is not None
+    anomalies: list[Anomaly] = []
+    changes: list[Change] = []
+    kept: list[Candidate] = []
+    current: Candidate | Prior | None = prior
+    prior_valid_to: datetime | None = None
+    last_winner: Candidate | None = None
+    for instant in sorted(by_instant):
+        cands = by_instant[instant]
+        before = current
+        before_data = None if before is None or before.deleted else before.data
+        if merged:
+            winner = _merge_instant(resource, cands, before_data)
+            chain: set[bytes] = set()
+        else:
+            winner, chain = _decide(cands)
+        for c in cands:
+            c.wins = False
+            c.valid_to = None
+            if c.derived and any(not r.derived and not r.deleted and r.state_hash == c.state_hash
+                                 and r.known_from <= c.known_from for r in cands):
+                continue  # never decides anything: an equal received state is always known
+            kept.append(c)
+        if not merged and not winner.deleted:
+            _check_instant(cands, winner, chain, before, anomalies)
+        same = before is not None and (
+            (before.deleted and winner.deleted)
+            or (not before.deleted and not winner.deleted
+                and before.state_hash == winner.state_hash))
+        if same:
+            continue  # consecutive equal states are one version, valid from the earlier
+        winner.wins = True
+        if last_winner is None:
+            prior_valid_to = instant
+        else:
+            last_winner.valid_to = instant
+        last_winner = winner
+        if winner.derived and first_received is not None and first_received < instant:
+            anomalies.append(Anomaly(
+                "missed_webhook", instant, winner.event_id,
+                _changed_paths(before_data, winner.data),
+                {"after": before.event_id if before is not None else None}))
+        if before_data is not None and winner.data is not None:
+            try:
+                diffs = paths.changes(before_data, winner.data)
+            except paths.PathError:
+                diffs = []
+            changes.extend(Change(instant, p, old, new, winner.event_id, winner.derived)
+                           for p, old, new in diffs)
+        current = winner
+    return Folded(kept, anomalies, changes, prior_valid_to, current)
+
+
+def _merge_instant(resource: Resource, cands: list[Candidate],
+                   state: dict[str, Any] | None) -> Candidate:
+    """For resources whose events each carry part of the object (the connection): the
+    candidates at one instant merge, in the deciding order, into the state before it."""
+    ordered = sorted(cands, key=lambda c: c.rank(set()))
+    for c in ordered:
+        if c.deleted:
+            state = None
+        else:
+            assert c.data is not None
+            state = resource.next_state(state, c.data, c.envelope or {})
+    winner = ordered[-1]
+    if not winner.deleted:
+        winner.data = state
+        winner.state_hash = state_hash(state or {})
+    return winner
+
+
+def _check_instant(cands: list[Candidate], winner: Candidate, chain: set[bytes],
+                   before: Candidate | Prior | None, anomalies: list[Anomaly]) -> None:
+    """Conflicts at one instant, and revealed states without a time of their own that do not
+    match the state before it."""
+    for c in cands:
+        if c is winner or c.deleted or c.state_hash == winner.state_hash \
+                or c.state_hash in chain:
             continue
-        at = parse_time(before.get("updated_date")) if "updated_date" in previous else None
-        if at is None or at >= cand.valid_from:
-            prior = received[index - 1] if index else None
-            if prior is not None and prior.data is not None:
-                # The revealed state keeps the update's own timestamps when previous_attributes
-                # does not carry them: those are not a difference.
-                differing = tuple(p for p, old, new in paths.changes(prior.data, before)
-                                  if not (old is None and new is None)
-                                  and p not in _TIME_FIELDS)
-                if differing:
-                    anomalies.append(Anomaly("inconsistent", cand.valid_from, event.event_id,
-                                             differing, {"after": prior.event.event_id}))
+        anomalies.append(Anomaly("conflict", c.valid_from, c.event_id,
+                                 _changed_paths(winner.data, c.data),
+                                 {"kept": winner.event_id}))
+    hashes = {c.state_hash for c in cands}
+    before_data = None if before is None or before.deleted else before.data
+    for c in cands:
+        if c.check is None or before_data is None:
             continue
-        out.append(_Candidate(at, True, cand.position, event, before))
-    return out
+        named, revealed = c.check
+        if state_hash(revealed) in hashes:
+            continue  # it reveals a state received at this very instant
+        differing = tuple(p for p in named
+                          if not same_value(_value_at(revealed, p), _value_at(before_data, p)))
+        if differing:
+            anomalies.append(Anomaly("inconsistent", c.valid_from, c.event_id, differing,
+                                     {"after": before.event_id if before else None}))
 
 
-def _same_instant(received: list[_Candidate], anomalies: list[Anomaly]) -> None:
-    """Two received events claiming one instant with different states: the later in order
-    wins (log order) and the other is recorded as a conflict."""
-    for before, after in itertools.pairwise(received):
-        if before.valid_from == after.valid_from and before.data != after.data:
-            anomalies.append(_conflict(before, after))
+def fold(resource: Resource, events: Sequence[Event]) -> Folded:
+    """The whole timeline of one object from the set of its events."""
+    cands: list[Candidate] = []
+    anomalies: list[Anomaly] = []
+    for event in events:
+        found, shown = candidates_of(resource, event)
+        cands += found
+        anomalies += shown
+    result = fold_from(resource, None, _dedupe(cands))
+    result.anomalies[:0] = anomalies
+    return result
 
 
-def _place(received: list[_Candidate], derived: list[_Candidate],
-           anomalies: list[Anomaly]) -> list[_Candidate]:
-    """Merge derived states into the received timeline, recording what they reveal."""
-    if not derived:
-        return received
-    by_instant: dict[datetime, list[_Candidate]] = {}
-    for cand in received:
-        by_instant.setdefault(cand.valid_from, []).append(cand)
-    kept: dict[datetime, _Candidate] = {}
-    for cand in sorted(derived, key=_Candidate.key):
-        claims = by_instant.get(cand.valid_from)
-        if claims:
-            # A received event's own data wins; a different revealed state is a conflict.
-            if all(c.data != cand.data for c in claims):
-                anomalies.append(_conflict(cand, claims[-1]))
-            continue
-        other = kept.get(cand.valid_from)
-        if other is not None:
-            if other.data != cand.data:
-                anomalies.append(_conflict(cand, other))
-            continue
-        kept[cand.valid_from] = cand
-    timeline = sorted([*received, *kept.values()], key=_Candidate.key)
-    previous_received: _Candidate | None = None
-    for cand in timeline:
-        if not cand.derived:
-            previous_received = cand
-            continue
-        # A revealed state after some received one, at an instant no received event claims,
-        # is a change whose webhook never arrived. Before every received event it is simply
-        # the object's past.
-        if previous_received is not None:
-            changed: tuple[str, ...] = ()
-            if previous_received.data is not None and cand.data is not None:
-                changed = tuple(p for p, _, _ in paths.changes(previous_received.data, cand.data))
-            anomalies.append(Anomaly("missed_webhook", cand.valid_from, cand.event.event_id,
-                                     changed, {"after": previous_received.event.event_id}))
-    return timeline
-
-
-def _conflict(loser: _Candidate, winner: _Candidate) -> Anomaly:
-    changed: tuple[str, ...] = ()
-    if loser.data is not None and winner.data is not None:
-        changed = tuple(p for p, _, _ in paths.changes(winner.data, loser.data))
-    return Anomaly("conflict", loser.valid_from, loser.event.event_id, changed,
-                   {"kept": winner.event.event_id})
+def _dedupe(cands: Iterable[Candidate]) -> list[Candidate]:
+    """One candidate per (event, derived): the same event delivered twice is stored once."""
+    seen: dict[tuple[str, bool], Candidate] = {}
+    for c in cands:
+        seen.setdefault((c.event_id, c.derived), c)
+    return list(seen.values())

@@ -39,11 +39,7 @@ BEGIN
     SELECT min(o.connection_id), count(*) INTO found, n
     FROM mirror.objects o
     WHERE o.resource = r AND o.object_id = object_connection.id
-      AND (object_connection.known_at IS NULL OR EXISTS (
-          SELECT 1 FROM mirror.versions v
-          WHERE v.resource = r AND v.object_id = o.object_id
-            AND v.connection_id = o.connection_id
-            AND v.known_from <= object_connection.known_at));
+      AND (object_connection.known_at IS NULL OR o.known_from <= object_connection.known_at);
     IF n > 1 THEN
         RAISE EXCEPTION '% % exists in % connections: pass connection_id',
             r, quote_literal(object_connection.id), n
@@ -53,25 +49,114 @@ BEGIN
 END;
 $$;
 
--- The one version in force at `at` (as known at known_at): a single index probe on
--- versions_as_of, newest first, stopping at the first match. A plain SQL function, so the
--- planner inlines it and EXPLAIN shows the real plan.
+-- The candidate that holds at `at` (as known at known_at), CONTRACT §5/§6:
+--  * without known_at, the latest winning state at or before `at`: one index probe;
+--  * with known_at, the latest instant at or before `at` among the candidates received by
+--    then, decided among those alone: a deletion beats data, received beats derived, a state
+--    another one at that instant reveals as its predecessor comes first, then the svix-id time,
+--    then the id's text. Exactly what the fold (mirror/fold.py) decides with only those events,
+--    so no later delivery can change the answer. Two index probes.
+-- A plain SQL function, so the planner inlines it and EXPLAIN shows the real plan.
+DROP FUNCTION IF EXISTS mirror.version_at(text, text, text, timestamptz, timestamptz);
 CREATE OR REPLACE FUNCTION mirror.version_at(resource text, connection_id text, id text,
                                              at timestamptz, known_at timestamptz DEFAULT NULL)
-RETURNS SETOF mirror.versions LANGUAGE sql STABLE AS $$
-    SELECT v.*
-    FROM mirror.versions v
-    WHERE v.resource = $1 AND v.object_id = $3 AND v.connection_id = $2
-      AND v.valid_from <= $4
-      AND ($5 IS NULL OR v.known_from <= $5)
-    ORDER BY v.valid_from DESC, v.seq DESC
+RETURNS SETOF mirror.states LANGUAGE sql STABLE AS $$
+    SELECT s.* FROM mirror.states s
+    WHERE $5 IS NULL AND s.connection_id = $2 AND s.resource = $1 AND s.object_id = $3
+      AND s.wins AND s.valid_from <= $4
+    ORDER BY s.valid_from DESC
     LIMIT 1
+$$;
+
+CREATE OR REPLACE FUNCTION mirror.candidate_at(resource text, connection_id text, id text,
+                                               at timestamptz, known_at timestamptz)
+RETURNS SETOF mirror.states LANGUAGE sql STABLE AS $$
+    SELECT s.* FROM mirror.states s
+    WHERE s.connection_id = $2 AND s.resource = $1 AND s.object_id = $3 AND s.known_from <= $5
+      AND s.valid_from = (
+          SELECT t.valid_from FROM mirror.states t
+          WHERE t.connection_id = $2 AND t.resource = $1 AND t.object_id = $3
+            AND t.valid_from <= $4 AND t.known_from <= $5
+          ORDER BY t.valid_from DESC LIMIT 1)
+    ORDER BY s.deleted DESC, s.derived ASC,
+             NOT EXISTS (
+                 SELECT 1 FROM mirror.states b
+                 WHERE b.connection_id = $2 AND b.resource = $1 AND b.object_id = $3
+                   AND b.valid_from = s.valid_from AND b.known_from <= $5
+                   AND NOT b.derived AND NOT b.deleted
+                   AND b.prev_hash = s.state_hash AND b.state_hash <> s.state_hash) DESC,
+             s.sent_at DESC, s.event_id COLLATE "C" DESC
+    LIMIT 1
+$$;
+
+-- A connection is merged from its events, each carrying a part of it (projections/
+-- connection.py does the same in Python): created date, integration, and one entry per
+-- resource whose historical sync completed. Credentials never enter it.
+CREATE OR REPLACE FUNCTION mirror.merge_connection(state jsonb, e mirror.events)
+RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    out jsonb := coalesce(state, '{}'::jsonb)
+                 || jsonb_build_object('connection_id', e.connection_id);
+    syncs jsonb;
+BEGIN
+    IF e.integration_name IS NOT NULL THEN
+        out := out || jsonb_build_object('integration_name', e.integration_name);
+    END IF;
+    IF e.integration_type IS NOT NULL THEN
+        out := out || jsonb_build_object('integration_type', e.integration_type);
+    END IF;
+    IF replace(lower(btrim(e.event_type)), '_', '-') = 'connection.historical-sync-completed' THEN
+        syncs := coalesce(out -> 'historical_syncs', '{}'::jsonb);
+        IF jsonb_typeof(e.data -> 'resource') = 'string' THEN
+            syncs := syncs || jsonb_build_object(e.data ->> 'resource', e.data - 'resource');
+        END IF;
+        out := out || jsonb_build_object('historical_syncs', syncs);
+    ELSE
+        out := out || (e.data - ARRAY['access_token', 'api_key', 'refresh_token']);
+    END IF;
+    RETURN out;
+END;
+$$;
+
+-- The merged state of a connection at `at` as known at known_at: its few events folded at
+-- query time, in the order the fold uses (instant, then data before deletion, then svix-id
+-- time, then id).
+CREATE OR REPLACE FUNCTION mirror.merged_as_of(resource text, connection_id text, id text,
+                                               at timestamptz, known_at timestamptz)
+RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    state jsonb;
+    rec record;
+BEGIN
+    FOR rec IN
+        SELECT s.deleted, e FROM mirror.states s JOIN mirror.events e ON e.position = s.position
+        WHERE s.connection_id = merged_as_of.connection_id AND s.resource = merged_as_of.resource
+          AND s.object_id = merged_as_of.id AND NOT s.derived AND s.valid_from <= merged_as_of.at
+          AND (merged_as_of.known_at IS NULL OR s.known_from <= merged_as_of.known_at)
+        ORDER BY s.valid_from, s.deleted, s.sent_at, s.event_id COLLATE "C"
+    LOOP
+        IF rec.deleted THEN
+            state := NULL;
+        ELSE
+            state := mirror.merge_connection(state, rec.e);
+        END IF;
+    END LOOP;
+    RETURN state;
+END;
+$$;
+
+-- The data of a stored candidate: its own (derived, merged), or its event's.
+CREATE OR REPLACE FUNCTION mirror.state_data(s mirror.states) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN s.deleted THEN NULL
+                WHEN s.data IS NOT NULL THEN s.data
+                ELSE (SELECT e.data FROM mirror.events e WHERE e.position = s.position) END
 $$;
 
 -- The object's state at `at` (valid_from inclusive, valid_to exclusive); NULL before its
 -- earliest known state and after its deletion. With known_at, only events received at or
--- before known_at count, with the states they reveal. One index probe: the cost does not grow
--- with the object's history.
+-- before known_at count, with the states they reveal. The cost does not grow with the
+-- object's history.
 CREATE OR REPLACE FUNCTION mirror.object_as_of(resource text, id text, at timestamptz,
                                                connection_id text DEFAULT NULL,
                                                known_at timestamptz DEFAULT NULL)
@@ -85,8 +170,16 @@ BEGIN
     IF c IS NULL OR object_as_of.at IS NULL THEN
         RETURN NULL;
     END IF;
-    SELECT v.data INTO result
-    FROM mirror.version_at(r, c, object_as_of.id, object_as_of.at, object_as_of.known_at) v;
+    IF r = 'connection' THEN
+        RETURN mirror.merged_as_of(r, c, object_as_of.id, object_as_of.at, object_as_of.known_at);
+    END IF;
+    IF object_as_of.known_at IS NULL THEN
+        SELECT mirror.state_data(v) INTO result
+        FROM mirror.version_at(r, c, object_as_of.id, object_as_of.at) v;
+    ELSE
+        SELECT mirror.state_data(v) INTO result
+        FROM mirror.candidate_at(r, c, object_as_of.id, object_as_of.at, object_as_of.known_at) v;
+    END IF;
     RETURN result;
 END;
 $$;
@@ -105,12 +198,14 @@ BEGIN
     RETURN QUERY
     SELECT v.valid_from, v.valid_to, v.data, v.event_id, v.event_type, v.derived
     FROM mirror.versions v
-    WHERE v.resource = r AND v.object_id = object_history.id AND v.connection_id = c
-    ORDER BY v.valid_from, v.seq;
+    WHERE v.connection_id = c AND v.resource = r AND v.object_id = object_history.id
+    ORDER BY v.valid_from;
 END;
 $$;
 
--- Every object of a resource as it stood at `at` (deleted ones left out).
+-- Every object of a resource as it stood at `at` (deleted ones left out). Without known_at it
+-- reads only the versions alive at `at` (a GiST index on their validity per resource); with
+-- known_at each object is decided among the candidates known by then.
 CREATE OR REPLACE FUNCTION mirror.table_as_of(resource text, at timestamptz,
                                               known_at timestamptz DEFAULT NULL)
 RETURNS TABLE (connection_id text, id text, data jsonb)
@@ -118,15 +213,27 @@ LANGUAGE plpgsql STABLE AS $$
 DECLARE
     r text := mirror.canonical_resource(table_as_of.resource);
 BEGIN
+    IF table_as_of.known_at IS NULL THEN
+        -- The resource is a literal so the planner can use that resource's partial index.
+        RETURN QUERY EXECUTE format(
+            'SELECT s.connection_id, s.object_id, coalesce(s.data, e.data) '
+            'FROM mirror.states s JOIN mirror.events e ON e.position = s.position '
+            'WHERE s.wins AND s.resource = %L AND NOT s.deleted '
+            'AND tstzrange(s.valid_from, s.valid_to) @> $1::timestamptz', r)
+        USING table_as_of.at;
+        RETURN;
+    END IF;
     RETURN QUERY
-    SELECT s.connection_id, s.object_id, s.data
-    FROM (
-        SELECT DISTINCT ON (v.object_id, v.connection_id) v.connection_id, v.object_id, v.data
-        FROM mirror.versions v
-        WHERE v.resource = r AND v.valid_from <= table_as_of.at
-          AND (table_as_of.known_at IS NULL OR v.known_from <= table_as_of.known_at)
-        ORDER BY v.object_id, v.connection_id, v.valid_from DESC, v.seq DESC
-    ) s
-    WHERE s.data IS NOT NULL;
+    SELECT o.connection_id, o.object_id, d.data
+    FROM mirror.objects o
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN r = 'connection'
+                    THEN mirror.merged_as_of(r, o.connection_id, o.object_id, table_as_of.at,
+                                             table_as_of.known_at)
+                    ELSE (SELECT mirror.state_data(v)
+                          FROM mirror.candidate_at(r, o.connection_id, o.object_id,
+                                                   table_as_of.at, table_as_of.known_at) v)
+               END AS data) d
+    WHERE o.resource = r AND o.known_from <= table_as_of.known_at AND d.data IS NOT NULL;
 END;
 $$;

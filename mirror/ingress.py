@@ -19,7 +19,7 @@ from mirror import envelope
 from mirror.errors import DatabaseUnavailable, VerificationFailed
 from mirror.keys import APPENDER, METRICS, POOL, SETTINGS, VERIFIER
 from mirror.log import Record
-from mirror.projector import LIVE_WORKERS_SQL, projection_lag, refresh_gauges
+from mirror.progress import live_workers, projection_lag, refresh_gauges
 from mirror.trackstar import completion
 
 log = logging.getLogger("mirror.ingress")
@@ -208,7 +208,7 @@ async def readyz(request: web.Request) -> web.Response:
             async with app[POOL].acquire() as conn:
                 # Workers anywhere (this service's projection process, or `mirror project`
                 # elsewhere) report by heartbeat, so every ingress process answers alike.
-                live = await conn.fetchval(LIVE_WORKERS_SQL)
+                live = await live_workers(conn)
                 body["lag"] = await projection_lag(conn)
     except Exception as exc:
         body.update(status="not ready", database="unreachable", error=type(exc).__name__)

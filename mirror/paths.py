@@ -105,7 +105,10 @@ def resolve(doc: Any, dotted: str) -> list[str | int]:
       actually present: the longest run of the remaining segments joined by
       ``.`` that is an existing key wins, then shorter runs; if none exists a
       single segment is used (the field did not exist).
-    * Once the walk leaves the existing structure (key absent, index past the
+    * When no key matches at a dict node, the rest of the path is one key:
+      a key that itself contains dots matches before a nested path, so a
+      removed ``"a.b"`` comes back as the key ``"a.b"``, not as ``a`` → ``b``.
+    * Once the walk leaves the existing structure otherwise (index past the
       end, a scalar, or a non-index segment on a list) the remaining segments
       are taken one each, as string keys.
 
@@ -127,9 +130,10 @@ def resolve(doc: Any, dotted: str) -> list[str | int]:
                     i = j
                     break
             else:
-                segments.append(parts[i])
-                inside = False
-                i += 1
+                # Nothing exists here: a key that itself contains dots matches before a
+                # nested path, so the rest of the path is one (new) key.
+                segments.append(".".join(parts[i:]))
+                break
         elif inside and isinstance(node, list) and _is_index(parts[i]):
             index = int(parts[i])
             segments.append(index)

@@ -1,9 +1,11 @@
-"""`mirror rebuild [RESOURCE]`: re-fold projections from the log.
+"""`mirror rebuild [RESOURCE]`: fold projections again from the log, on their own fast path.
 
-The rebuild runs in one transaction. Until it commits, every reader keeps seeing the live
-relations as they were (MVCC); at commit the rebuilt state replaces them at once. The
-projection workers are paused for its duration by holding every partition's advisory lock,
-so nothing they write can be lost in the swap; they catch up from their checkpoints after.
+The rebuild runs in one transaction. Until it commits, every reader keeps seeing the relations
+as they were (MVCC); at commit the rebuilt state replaces them at once. The projection workers
+are paused for its duration (the partition table is locked, so their pages wait) and it folds
+exactly the events they had folded, so nothing is lost or applied twice; they carry on from
+their checkpoints after. Objects are folded whole, many at a time, and written with the same
+set-based statements as a live page, with nothing to read back and nothing to update.
 """
 
 from __future__ import annotations
@@ -11,18 +13,18 @@ from __future__ import annotations
 import asyncpg
 
 from mirror.errors import NotFound
-from mirror.projector import (
-    _LOCK_CLASS,
-    LOAD_SQL,
-    PARTITIONS,
-    events_from_rows,
-    fold_objects,
-    write_guarded,
-)
+from mirror.fold import FOLD_KINDS, fold
+from mirror.projector import write_guarded
+from mirror.store import ObjectKey, Outcome, load_folded_events
 from projections import registry
 from projections.base import Resource
 
-CHUNK = 2000
+CHUNK = 5000  # objects folded and written per round
+
+KEYS_SQL = """
+SELECT DISTINCT connection_id, object_id FROM mirror.events
+WHERE resource = $1 AND unusable_reason IS NULL
+"""
 
 
 async def rebuild(conn: asyncpg.Connection, resource_name: str | None = None) -> dict[str, int]:
@@ -36,8 +38,7 @@ async def rebuild(conn: asyncpg.Connection, resource_name: str | None = None) ->
         chosen = registry.resources()
     counts: dict[str, int] = {}
     async with conn.transaction():
-        for part in range(PARTITIONS):
-            await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", _LOCK_CLASS, part)
+        await conn.execute("LOCK TABLE mirror.checkpoints IN EXCLUSIVE MODE")
         for resource in chosen:
             counts[resource.name] = await _rebuild_one(conn, resource)
     return counts
@@ -45,23 +46,36 @@ async def rebuild(conn: asyncpg.Connection, resource_name: str | None = None) ->
 
 async def _rebuild_one(conn: asyncpg.Connection, resource: Resource) -> int:
     name = resource.name
-    await conn.execute("DELETE FROM mirror.versions WHERE resource = $1", name)
+    await conn.execute("DELETE FROM mirror.states WHERE resource = $1", name)
     await conn.execute("DELETE FROM mirror.changes WHERE resource = $1", name)
     await conn.execute("DELETE FROM mirror.objects WHERE resource = $1", name)
     await conn.execute("DELETE FROM mirror.poison WHERE resource = $1", name)
+    # What the fold finds again is reopened by the upsert; what it does not is resolved.
+    await conn.execute(
+        "UPDATE mirror.anomalies SET resolved_at = now(), resolved_by = 'rebuild' "
+        "WHERE resource = $1 AND kind = ANY($2::text[]) AND resolved_at IS NULL",
+        name, list(FOLD_KINDS))
     # Table names come from the registry, never from input.
     await conn.execute(f"DELETE FROM mirror.{resource.table}")
     for child in resource.children:
         await conn.execute(f"DELETE FROM mirror.{child.table}")
-    keys = await conn.fetch(
-        "SELECT DISTINCT connection_id, object_id FROM mirror.events "
-        "WHERE resource = $1 AND unusable_reason IS NULL ORDER BY 1, 2", name)
+    keys: list[ObjectKey] = [(name, r["connection_id"], r["object_id"])
+                             for r in await conn.fetch(KEYS_SQL, name)]
+    keys.sort()
     for start in range(0, len(keys), CHUNK):
-        chunk = keys[start : start + CHUNK]
-        params = [[name] * len(chunk), [k["connection_id"] for k in chunk],
-                  [k["object_id"] for k in chunk]]
-        rows = await conn.fetch(LOAD_SQL, *params)
-        grouped = events_from_rows(rows)
-        histories, poisoned = fold_objects(grouped, {})
-        await write_guarded(conn, histories, poisoned, {})
+        grouped = await load_folded_events(conn, keys[start : start + CHUNK])
+        outcomes: list[Outcome] = []
+        failed: list[tuple[ObjectKey, str, int]] = []
+        for key, events in grouped.items():
+            try:
+                folded = fold(resource, events)
+            except Exception as exc:
+                failed.append((key, f"{type(exc).__name__}: {exc}",
+                               max(e.position for e in events)))
+                continue
+            since = min((c.valid_from for c in folded.candidates), default=None)
+            if since is None:
+                continue
+            outcomes.append(Outcome(key, since, False, None, folded, [], None, True))
+        await write_guarded(conn, outcomes, failed)
     return len(keys)

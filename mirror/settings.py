@@ -90,8 +90,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = DEFAULT_MAX_BODY
-    workers: int = 2
-    batch_size: int = 500
+    workers: int = 1
+    batch_size: int = 2000
     poll_interval: float = 1.0
     db_timeout: float = 5.0
     # How long a client may take to send a request's headers, or its body; also how long an
@@ -135,8 +135,8 @@ class Settings:
             host=env.get("MIRROR_HOST", "127.0.0.1").strip() or "127.0.0.1",
             port=_int(env, "MIRROR_PORT", 8080, 0, 65535),
             max_body_bytes=_int(env, "MIRROR_MAX_BODY_BYTES", DEFAULT_MAX_BODY, 1024, 1 << 30),
-            workers=_int(env, "MIRROR_WORKERS", 2, 1, 16),
-            batch_size=_int(env, "MIRROR_BATCH_SIZE", 500, 1, 100_000),
+            workers=_int(env, "MIRROR_WORKERS", 1, 1, 16),
+            batch_size=_int(env, "MIRROR_BATCH_SIZE", 2000, 1, 100_000),
             request_timeout=_int(env, "MIRROR_REQUEST_TIMEOUT", DEFAULT_REQUEST_TIMEOUT, 1, 300),
             db_timeout=float(_int(env, "MIRROR_DB_TIMEOUT", 5, 1, 60)),
             projector=_choice(env, "MIRROR_PROJECTOR", ("process", "inline"), "process"),

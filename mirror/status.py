@@ -6,7 +6,7 @@ from typing import Any
 
 import asyncpg
 
-from mirror.projector import HORIZON_SQL, LAG_SQL, LIVE_WORKERS_SQL
+from mirror import progress
 
 
 async def gather(conn: asyncpg.Connection) -> dict[str, Any]:
@@ -22,10 +22,7 @@ async def gather(conn: asyncpg.Connection) -> dict[str, Any]:
     unknown = await conn.fetch(
         "SELECT event_type, count(*) AS n FROM mirror.events "
         "WHERE unusable_reason = 'unknown event_type' GROUP BY 1 ORDER BY 2 DESC LIMIT 50")
-    lag_rows = await conn.fetch(LAG_SQL)
-    oldest = min((r["oldest"] for r in lag_rows if r["oldest"] is not None), default=None)
-    lag_seconds = await conn.fetchval(
-        "SELECT coalesce(extract(epoch FROM now() - $1::timestamptz), 0)::float8", oldest)
+    lag = await progress.projection_lag(conn)
     anomalies = await conn.fetch(
         "SELECT kind, count(*) FILTER (WHERE resolved_at IS NULL) AS open, "
         "count(*) FILTER (WHERE resolved_at IS NOT NULL) AS resolved "
@@ -37,7 +34,9 @@ async def gather(conn: asyncpg.Connection) -> dict[str, Any]:
         "SELECT connection_id, endpoint, objects, appended, total_count, pages, updated_at, "
         "finished_at FROM mirror.backfill_progress ORDER BY updated_at DESC LIMIT 20")
     return {
-        "workers": await conn.fetchval(LIVE_WORKERS_SQL),
+        "workers": await progress.live_workers(conn),
+        "partitions": progress.PARTITIONS,
+        "leases": await progress.leases(conn),
         "backfills": [dict(r) for r in backfills],
         "events": log["events"],
         "head_position": log["head"],
@@ -45,9 +44,9 @@ async def gather(conn: asyncpg.Connection) -> dict[str, Any]:
         "unprojectable": log["unprojectable"],
         "unprojectable_reasons": {r["reason"]: r["n"] for r in reasons},
         "unknown_event_types": {r["event_type"]: r["n"] for r in unknown},
-        "projection_lag_events": sum(r["pending"] for r in lag_rows),
-        "projection_lag_seconds": round(lag_seconds or 0.0, 3),
-        "visibility_horizon_seconds": round(await conn.fetchval(HORIZON_SQL) or 0.0, 3),
+        "projection_lag_events": lag["events"],
+        "projection_lag_seconds": lag["seconds"],
+        "visibility_horizon_seconds": round(await progress.horizon_seconds(conn), 3),
         "anomalies": {r["kind"]: {"open": r["open"], "resolved": r["resolved"]}
                       for r in anomalies},
         "poisoned_objects": [dict(r) for r in poison],
@@ -60,6 +59,10 @@ def render(report: dict[str, Any]) -> str:
         f"events stored:        {report['events']} (head position {report['head_position']})",
         f"last received:        {report['last_received'] or 'never'}",
         f"projection workers:   {report['workers']} alive (heartbeat within 15 s)",
+        f"partitions:           {report['partitions']}, leased by "
+        f"{len(report['leases'])} worker(s)",
+        *[f"  {w['owner']}: {w['partitions']} partitions ({w['first']}..{w['last']})"
+          for w in report["leases"]],
         f"projection lag:       {report['projection_lag_events']} events, "
         f"{report['projection_lag_seconds']} s",
         f"visibility horizon:   {report['visibility_horizon_seconds']} s "

@@ -11,7 +11,8 @@ import orjson
 
 from mirror import envelope as envelope_mod
 from mirror.log import Record, insert_records
-from mirror.projector import PARTITIONS, project_batch
+from mirror.progress import PARTITIONS
+from mirror.projector import project_page
 from mirror.sample import message_id
 from projections import registry
 
@@ -31,9 +32,8 @@ async def append(conn: asyncpg.Connection, *events: dict[str, Any] | Record) -> 
 
 
 PENDING_SQL = """
-SELECT count(*) FROM mirror.checkpoints c JOIN mirror.events e ON e.part = c.part
- AND (e.txid, e.position) > (c.last_txid, c.last_position)
- AND e.txid < pg_snapshot_xmin(pg_current_snapshot())
+SELECT count(*) FROM mirror.unprojected_events
+WHERE txid < pg_snapshot_xmin(pg_current_snapshot())
 """
 
 
@@ -42,10 +42,7 @@ async def project_all(conn: asyncpg.Connection, batch_size: int = 500) -> int:
     live worker holds a partition for a while); return the rows this call consumed."""
     total = 0
     while True:
-        done = 0
-        for part in range(PARTITIONS):
-            async with conn.transaction():
-                done += await project_batch(conn, part, batch_size)
+        done = await project_page(conn, list(range(PARTITIONS)), page_size=batch_size)
         total += done
         if done == 0:
             if await conn.fetchval(PENDING_SQL) == 0:
@@ -55,7 +52,7 @@ async def project_all(conn: asyncpg.Connection, batch_size: int = 500) -> int:
 
 async def snapshot(conn: asyncpg.Connection) -> dict[str, list[tuple[Any, ...]]]:
     """Every projected relation's rows, sorted, for equality comparisons."""
-    tables = ["versions", "changes", "objects"]
+    tables = ["versions", "changes", "objects", "states"]
     for resource in registry.resources():
         tables.append(resource.table)
         tables += [c.table for c in resource.children]

@@ -59,13 +59,11 @@ SELECT integration_name FROM mirror.connections WHERE connection_id = $1 AND id 
 """
 # Events of this connection and these resources that the projection has not folded yet: while
 # there are any, the current state lags the log and drift may only be that lag.
-# NOTE: this reads the projection engine's checkpoints; unprojected_events is its only user.
+# "Not folded yet" has one definition, the view mirror.unprojected_events (schema.sql).
 UNPROJECTED_SQL = """
 SELECT count(*)
-FROM mirror.events e
-JOIN mirror.checkpoints c ON c.part = e.part
-WHERE (e.txid, e.position) > (c.last_txid, c.last_position)
-  AND e.connection_id = $1 AND e.resource = ANY($2::text[]) AND e.unusable_reason IS NULL
+FROM mirror.unprojected_events
+WHERE connection_id = $1 AND resource = ANY($2::text[]) AND unusable_reason IS NULL
 """
 # When the mirror last received an event about each of these objects.
 LAST_RECEIVED_SQL = """

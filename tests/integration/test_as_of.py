@@ -255,10 +255,13 @@ async def test_cli_prints_what_sql_returns(db_url: str, conn: asyncpg.Connection
     assert [v["data"]["onhand"] for v in json.loads(hist.stdout)] == [1, 3]
 
 
-async def _plan(conn: asyncpg.Connection, object_id: str, when: datetime) -> dict[str, Any]:
+async def _plan(conn: asyncpg.Connection, object_id: str, when: datetime,
+                known: datetime | None = None) -> dict[str, Any]:
+    probe = ("mirror.version_at('inventory', 'conn_1', $1, $2)" if known is None else
+             "mirror.candidate_at('inventory', 'conn_1', $1, $2, $3)")
     raw = await conn.fetchval(
-        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT data FROM "
-        "mirror.version_at('inventory', 'conn_1', $1, $2)", object_id, when)
+        f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT mirror.state_data(v) FROM {probe} v",
+        object_id, when, *([known] if known is not None else []))
     plan: dict[str, Any] = (json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]
     return plan
 
@@ -278,19 +281,24 @@ async def test_object_as_of_is_one_index_probe_at_ten_thousand_versions(
     await project_all(conn, batch_size=20_000)
     assert await conn.fetchval("SELECT count(*) FROM mirror.versions WHERE object_id = 'deep'"
                                ) == 10_000
-    await conn.execute("ANALYZE mirror.versions")
-    probes = {}
-    for object_id, minute in (("deep", 5_000), ("deep", 9_999), ("shallow", 10)):
-        plan = await _plan(conn, object_id, at(minute))
-        nodes = _nodes(plan)
-        scans = [n for n in nodes if "Relation Name" in n]  # scans of tables
-        assert [n["Node Type"] for n in scans] == ["Index Scan"], nodes
-        assert scans[0]["Index Name"] == "versions_as_of"
-        assert scans[0]["Actual Rows"] == 1          # stops at the first match
-        probes[(object_id, minute)] = plan["Shared Hit Blocks"] + plan.get("Shared Read Blocks", 0)
-    # The buffers touched do not grow with history depth (a B-tree level at most).
-    assert probes[("deep", 5_000)] <= probes[("shallow", 10)] + 2
-    assert probes[("deep", 9_999)] <= probes[("shallow", 10)] + 2
+    await conn.execute("ANALYZE mirror.states")
+    everything_known = datetime(2100, 1, 1, tzinfo=UTC)
+    for known in (None, everything_known):
+        probes = {}
+        for object_id, minute in (("deep", 5_000), ("deep", 9_999), ("shallow", 10)):
+            plan = await _plan(conn, object_id, at(minute), known)
+            nodes = _nodes(plan)
+            scans = [n for n in nodes if "Relation Name" in n]  # scans of tables
+            # Index probes only (the state, then its data in the log), never a scan of
+            # the object's history.
+            assert {n["Node Type"] for n in scans} == {"Index Scan"}, nodes
+            assert "states_pkey" in {n["Index Name"] for n in scans}
+            assert all(n["Actual Rows"] <= 1 for n in scans)  # stops at the first match
+            probes[(object_id, minute)] = (plan["Shared Hit Blocks"]
+                                           + plan.get("Shared Read Blocks", 0))
+        # The buffers touched do not grow with history depth (a B-tree level or two at most).
+        assert probes[("deep", 5_000)] <= probes[("shallow", 10)] + 4, probes
+        assert probes[("deep", 9_999)] <= probes[("shallow", 10)] + 4, probes
     assert (await as_of(conn, 5_000, object_id="deep"))["onhand"] == 5_000 % 97
 
 

@@ -16,8 +16,8 @@ import asyncpg
 import pytest
 
 from mirror.db import init_connection
-from mirror.fold import ksuid_time
 from mirror.history import object_as_of, object_history
+from mirror.ksuid import time_of as ksuid_time
 from mirror.trackstar import backfill as backfill_module
 from mirror.trackstar.backfill import Progress, ResourceResult, backfill
 from mirror.trackstar.client import (

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mirror.app import create_app
 from mirror.db import init_connection
-from mirror.projector import PARTITIONS
+from mirror.progress import PARTITIONS
 from tests.conftest import make_settings
 from tests.logtools import project_all
 from tests.signing import envelope, signed

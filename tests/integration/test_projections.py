@@ -12,7 +12,8 @@ import pytest
 from mirror.db import init_connection
 from mirror.keys import SETTINGS
 from mirror.log import insert_records
-from mirror.projector import project_batch
+from mirror.progress import PARTITIONS
+from mirror.projector import project_page
 from mirror.rebuild import rebuild
 from mirror.status import gather
 from tests.logtools import append, project_all, record, snapshot
@@ -47,7 +48,7 @@ async def test_create_then_update_fills_current_history_and_changes(
         "WHERE order_id = 'o1' ORDER BY line_number")
     assert [(r["sku"], float(r["quantity"]), float(r["unit_price"])) for r in lines] == \
         [("A", 1.0, 2.5), ("B", 3.0, 1.25)]
-    versions = await conn.fetch("SELECT * FROM mirror.versions ORDER BY seq")
+    versions = await conn.fetch("SELECT * FROM mirror.versions ORDER BY valid_from")
     assert [(v["valid_from"].hour, v["valid_to"] and v["valid_to"].hour) for v in versions] == \
         [(10, 11), (11, None)]
     changes = await conn.fetch("SELECT path, old_value, new_value FROM mirror.changes "
@@ -65,7 +66,7 @@ async def test_late_event_takes_its_place_and_never_overwrites_newer_state(
     await append(conn, order("o1", "2025-01-01T10:00:00Z", "open"))
     await project_all(conn)
     assert await conn.fetchval("SELECT status FROM mirror.orders WHERE id = 'o1'") == "packed"
-    history = await conn.fetch("SELECT data->>'status' AS s FROM mirror.versions ORDER BY seq")
+    history = await conn.fetch("SELECT data->>'status' AS s FROM mirror.versions ORDER BY valid_from")
     assert [h["s"] for h in history] == ["open", "packed"]
 
 
@@ -109,7 +110,7 @@ async def test_deleted_removes_from_current_and_late_update_cannot_resurrect(
     await project_all(conn)
     assert await conn.fetchval("SELECT count(*) FROM mirror.connection_errors") == 0
     history = await conn.fetch("SELECT event_type, data IS NULL AS gone FROM mirror.versions "
-                               "ORDER BY seq")
+                               "ORDER BY valid_from")
     assert [(h["event_type"], h["gone"]) for h in history] == [
         ("connection-error.created", False), ("connection-error.updated", False),
         ("connection-error.deleted", True)]
@@ -203,10 +204,8 @@ async def test_two_workers_never_apply_the_same_batch(db_url: str,
     try:
         async def drain(c: asyncpg.Connection) -> int:
             total = 0
-            for _ in range(5):
-                for part in range(16):
-                    async with c.transaction():
-                        total += await project_batch(c, part, 3)
+            for _ in range(40):
+                total += await project_page(c, list(range(PARTITIONS)), page_size=3)
             return total
         consumed = await asyncio.gather(drain(a), drain(b))
     finally:
@@ -225,8 +224,7 @@ async def test_worker_killed_mid_batch_resumes_exactly(db_url: str,
     await init_connection(victim)
     tx = victim.transaction()
     await tx.start()
-    for part in range(16):
-        await project_batch(victim, part, 500)
+    await project_page(victim, list(range(PARTITIONS)), page_size=500)
     # Killed before commit: the server rolls the batch back when the connection dies.
     await conn.execute("SELECT pg_terminate_backend($1)", victim.get_server_pid())
     await asyncio.sleep(0.1)
@@ -242,14 +240,14 @@ async def test_poison_object_is_recorded_and_does_not_stall_others(
         conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
     import mirror.projector as projector
 
-    real_fold = projector.fold
+    real = projector.candidates_of
 
-    def fragile(resource: Any, events: Any) -> Any:
-        if any(e.data.get("id") == "poison" for e in events):
+    def fragile(resource: Any, event: Any) -> Any:
+        if event.data.get("id") == "poison":
             raise ValueError("cannot fold this one")
-        return real_fold(resource, events)
+        return real(resource, event)
 
-    monkeypatch.setattr(projector, "fold", fragile)
+    monkeypatch.setattr(projector, "candidates_of", fragile)
     await append(conn, order("poison", "2025-01-01T10:00:00Z", "open"),
                  order("fine", "2025-01-01T10:00:00Z", "open"))
     await project_all(conn)

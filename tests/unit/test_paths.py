@@ -106,8 +106,9 @@ def test_resolve_prefers_longest_existing_dotted_key() -> None:
 
 
 def test_resolve_outside_existing_structure() -> None:
-    # missing key: remaining segments one each, digits stay keys
-    assert resolve({}, "a.0.b") == ["a", "0", "b"]
+    # missing key: a key containing dots matches before a nested path (CONTRACT §5)
+    assert resolve({}, "a.0.b") == ["a.0.b"]
+    assert resolve({"x": {}}, "x.a.b") == ["x", "a.b"]
     # index == length on a list is still an index; after it, digits are keys
     assert resolve({"a": [1]}, "a.1.0") == ["a", 1, "0"]
     # unicode digits are not indices
@@ -192,9 +193,10 @@ def test_revert_whole_value_applied_before_leaves_under_it() -> None:
 def test_revert_field_that_did_not_exist() -> None:
     data = {"a": 1}
     reverted = revert(data, {"b.c.d": 5, "e": None})
-    assert reverted.previous == {"a": 1, "b": {"c": {"d": 5}}, "e": None}
+    # a removed key that itself contains dots comes back as that key, not as b -> c -> d
+    assert reverted.previous == {"a": 1, "b.c.d": 5, "e": None}
     forward = list(reverted.forward)
-    assert {"op": "remove", "path": "/b"} in forward
+    assert {"op": "remove", "path": "/b.c.d"} in forward
     assert {"op": "remove", "path": "/e"} in forward
     check_patches(data, reverted)
 
