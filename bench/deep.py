@@ -26,11 +26,7 @@ from mirror.projector import project_page
 from mirror.rebuild import rebuild
 
 ROOT = Path(__file__).resolve().parent.parent
-BEHIND_SQL = """
-SELECT count(*) FROM mirror.checkpoints c WHERE EXISTS (
-  SELECT 1 FROM mirror.events e WHERE e.part = c.part
-  AND (e.txid, e.position) > (c.last_txid, c.last_position))
-"""
+BEHIND_SQL = "SELECT count(*) FROM (SELECT 1 FROM mirror.unprojected_events LIMIT 1) x"
 
 
 def _records(total: int) -> list[Record]:

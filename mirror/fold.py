@@ -25,7 +25,7 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -88,6 +88,7 @@ class Candidate:
     wins: bool = False            # part of the collapsed timeline of every event counted
     valid_to: datetime | None = None
     envelope: Mapping[str, Any] | None = None  # for resources that merge partial events
+    previous: Mapping[str, Any] | None = None  # a received update's previous_attributes
 
     def rank(self, predecessors: set[bytes]) -> tuple[bool, bool, bool, datetime, str]:
         """The order that decides one instant; the greatest holds (see the module doc)."""
@@ -95,8 +96,7 @@ class Candidate:
         return (self.deleted, not self.derived, sink, self.sent_at, self.event_id)
 
 
-@dataclass(frozen=True)
-class Change:
+class Change(NamedTuple):
     """One changed dotted path between two consecutive versions."""
 
     changed_at: datetime
@@ -223,6 +223,7 @@ def candidates_of(resource: Resource, event: Event) -> tuple[list[Candidate], li
                                      {"error": str(exc)[:500]}))
             return out, anomalies
         received.prev_hash = state_hash(before)
+        received.previous = previous
         revealed_at = parse_time(before.get("updated_date")) if "updated_date" in previous \
             else None
         if revealed_at is not None and revealed_at < at:
@@ -330,14 +331,31 @@ def fold_from(resource: Resource, prior: Prior | None, candidates: Iterable[Cand
                 _changed_paths(before_data, winner.data),
                 {"after": before.event_id if before is not None else None}))
         if before_data is not None and winner.data is not None:
-            try:
-                diffs = paths.changes(before_data, winner.data)
-            except paths.PathError:
-                diffs = []
+            diffs = _changes(before, before_data, winner)
             changes.extend(Change(instant, p, old, new, winner.event_id, winner.derived)
                            for p, old, new in diffs)
         current = winner
     return Folded(kept, anomalies, changes, prior_valid_to, current)
+
+
+def _changes(before: Candidate | Prior | None, before_data: dict[str, Any],
+             winner: Candidate) -> list[tuple[str, Any, Any]]:
+    """The changed fields from one version to the next. When the update says exactly which
+    fields it changed (it reveals the very state before it), its own dotted paths are used, as
+    Trackstar wrote them; otherwise the two states are compared."""
+    assert winner.data is not None
+    previous = winner.previous
+    if previous is not None and before is not None and winner.prev_hash == before.state_hash:
+        out = []
+        for path in sorted(previous):
+            new = _value_at(winner.data, path)
+            if not paths.same_json(previous[path], new):
+                out.append((path, previous[path], new))
+        return out
+    try:
+        return paths.changes(before_data, winner.data)
+    except paths.PathError:
+        return []
 
 
 def _merge_instant(resource: Resource, cands: list[Candidate],

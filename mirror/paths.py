@@ -37,12 +37,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import jsonpatch
+import orjson
 
 __all__ = [
     "PathError",
     "Reverted",
     "changes",
     "diff",
+    "same_json",
     "resolve",
     "revert",
     "to_pointer",
@@ -166,19 +168,26 @@ def _same(a: Any, b: Any) -> bool:
     """Type-aware JSON equality (``1``, ``1.0`` and ``True`` all differ)."""
     if a is b:
         return True
-    if isinstance(a, dict):
-        return (
-            isinstance(b, dict)
-            and a.keys() == b.keys()
-            and all(_same(value, b[key]) for key, value in a.items())
-        )
-    if isinstance(a, list):
-        return (
-            isinstance(b, list)
-            and len(a) == len(b)
-            and all(_same(x, y) for x, y in zip(a, b, strict=True))
-        )
-    return type(a) is type(b) and bool(a == b)
+    kind = type(a)
+    if kind is not type(b):
+        return False
+    if kind is dict or kind is list:
+        # Serialising in C is far cheaper than walking in Python; equal text means equal
+        # values (types included). Unequal text may still be equal dicts in another key order.
+        try:
+            if orjson.dumps(a) == orjson.dumps(b):
+                return True
+        except (TypeError, orjson.JSONEncodeError):
+            pass
+        if kind is dict:
+            return a.keys() == b.keys() and all(_same(value, b[key]) for key, value in a.items())
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def same_json(a: Any, b: Any) -> bool:
+    """Type-aware JSON equality: ``1``, ``1.0`` and ``true`` all differ."""
+    return _same(a, b)
 
 
 def _patch_ops(src: Any, dst: Any, path: list[str | int], ops: list[dict[str, Any]]) -> None:
@@ -235,20 +244,35 @@ def _describe(node: Any) -> str:
     return type(node).__name__
 
 
-def _place(doc: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``value`` at ``dotted`` on ``doc`` (in place), creating what is missing."""
+def _owned_child(node: Any, key: Any, owned: set[int]) -> Any:
+    """``node[key]``, copied (shallowly) first unless this revert made it."""
+    child = node[key]
+    if isinstance(child, dict | list) and id(child) not in owned:
+        child = dict(child) if isinstance(child, dict) else list(child)
+        owned.add(id(child))
+        node[key] = child
+    return child
+
+
+def _place(doc: dict[str, Any], dotted: str, value: Any, owned: set[int]) -> None:
+    """Set ``value`` at ``dotted`` on ``doc`` (in place), creating what is missing and copying
+    each shared container on the way before changing it."""
     segments = resolve(doc, dotted)
     node: Any = doc
     for depth, segment in enumerate(segments):
         last = depth == len(segments) - 1
-        where = to_pointer(segments[:depth]) or "the document root"
         if isinstance(node, dict):
             key = str(segment)
             if last:
                 node[key] = value
+            elif key in node:
+                node = _owned_child(node, key, owned)
             else:
-                node = node.setdefault(key, {})
+                node[key] = {}
+                node = node[key]
+                owned.add(id(node))
         elif isinstance(node, list):
+            where = to_pointer(segments[:depth]) or "the document root"
             if not isinstance(segment, int):
                 raise PathError(
                     f"cannot place {dotted!r}: segment {segment!r} is not an index "
@@ -262,11 +286,13 @@ def _place(doc: dict[str, Any], dotted: str, value: Any) -> None:
             if segment == len(node):
                 node.append(value if last else {})
                 node = node[-1]
+                owned.add(id(node))
             elif last:
                 node[segment] = value
             else:
-                node = node[segment]
+                node = _owned_child(node, segment, owned)
         else:
+            where = to_pointer(segments[:depth]) or "the document root"
             raise PathError(
                 f"cannot place {dotted!r}: it goes through a {_describe(node)} at {where}"
             )
@@ -298,10 +324,13 @@ def revert(data: dict[str, Any], previous_attributes: Mapping[str, Any]) -> Reve
     """
     if not isinstance(data, dict):
         raise PathError(f"data must be an object, not {_describe(data)}")
-    previous: dict[str, Any] = _copy(data)
+    # Copy on write: only the containers on the changed paths are copied; the rest of the
+    # state is shared with ``data`` (neither is ever mutated afterwards).
+    previous: dict[str, Any] = dict(data)
+    owned: set[int] = {id(previous)}
     ordered = sorted(previous_attributes.items(), key=lambda kv: (kv[0].count("."), kv[0]))
     for dotted, value in ordered:
-        _place(previous, dotted, _copy(value))
+        _place(previous, dotted, _copy(value), owned)
     return Reverted(data=data, previous=previous)
 
 

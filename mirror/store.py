@@ -186,10 +186,10 @@ class Tail:
 
 def columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     """Rows as ``width`` column lists: the parameters of an ``unnest`` statement."""
-    out: list[list[Any]] = [[] for _ in range(width)]
-    for row in rows:
-        for column, value in zip(out, row, strict=True):
-            column.append(value)
+    if not rows:
+        return [[] for _ in range(width)]
+    out = [list(column) for column in zip(*rows, strict=True)]
+    assert len(out) == width
     return out
 
 

@@ -76,20 +76,26 @@ async def test_poison_and_unknown_events_never_stall_other_objects(
         await conn.execute(
             "ALTER TABLE mirror.orders ADD CONSTRAINT no_poison CHECK (status <> 'poison')")
         service = start_service()
+        # Ids that share the poisoned object's partition (the same hash as mirror.events.part),
+        # beside ids spread over the others.
+        same_part = [r["id"] for r in await conn.fetch(
+            "SELECT 'ord_n' || g AS id FROM generate_series(0, 20000) g "
+            "WHERE (hashtext('order/conn_1/ord_n' || g) & 2147483647) % 128 = "
+            "(hashtext('order/conn_1/ord_poison') & 2147483647) % 128 LIMIT 4")]
+        ids = [f"ord_{n}" for n in range(44)] + same_part
         events: list[dict[str, Any] | str] = []
-        for n in range(48):
-            events += [order(f"ord_{n}", 0, "open"), order(f"ord_{n}", 5, "picked")]
+        for oid in ids:
+            events += [order(oid, 0, "open"), order(oid, 5, "picked")]
         events += [order("ord_poison", 0, "poison"), order("ord_poison", 5, "poison")]
         events += [envelope("inventory_ledger.created", {"id": f"l{n}"}) for n in range(5)]
         events += [envelope("install.failed", {"reason": "x"}), '{"event_type": oops',
                    envelope("order.updated", {"id": "ord_t"}, data_truncated=True)]
         assert set(await post_all(service, events)) == {200}
         # Later events still flow through every partition, the poisoned one's included.
-        assert set(await post_all(service, [order(f"ord_{n}", 9, "packed")
-                                            for n in range(48)])) == {200}
+        assert set(await post_all(service, [order(oid, 9, "packed") for oid in ids])) == {200}
         await wait_projected(db_url)
         statuses = dict(await conn.fetch("SELECT id, status FROM mirror.orders"))
-        assert statuses == {f"ord_{n}": "packed" for n in range(48)}
+        assert statuses == {oid: "packed" for oid in ids}
         poison_part = await conn.fetchval(
             "SELECT part FROM mirror.events WHERE object_id = 'ord_poison' LIMIT 1")
         neighbours = await conn.fetchval(

@@ -318,11 +318,15 @@ async def test_revealed_state_without_time_is_checked_for_consistency(
 
 async def test_two_received_states_for_one_instant_are_a_conflict(
         conn: asyncpg.Connection) -> None:
-    await append(conn, item(10, 1, kind="inventory.created"), item(10, 2))
+    from mirror.ksuid import message_id
+    # Logged in this order, but the second was sent first (its svix-id time is earlier).
+    await append(conn, record(item(10, 1, kind="inventory.created"), message_id(at(11))),
+                 record(item(10, 2), message_id(at(10))))
     await project_all(conn)
     anomaly = await conn.fetchrow("SELECT kind, paths FROM mirror.anomalies")
     assert anomaly["kind"] == "conflict" and anomaly["paths"] == ["onhand"]
-    assert (await as_of(conn, 10))["onhand"] == 2  # ties keep log order: the later one wins
+    # Ties are decided by the set alone: the later-sent state holds, not the later-logged.
+    assert (await as_of(conn, 10))["onhand"] == 1
 
 
 async def test_known_at_only_counts_connections_known_by_then(conn: asyncpg.Connection) -> None:

@@ -112,7 +112,7 @@ async def test_the_same_state_twice_is_one_version_with_no_changes(
     await deliver(conn, order(0, "open"), 9)
     await deliver(conn, order(30, "open"), 12)  # new updated_date, equal otherwise
     versions = await history(conn)
-    assert [(v["valid_from"], v["valid_to"]) for v in versions][0][0] == at(0)
+    assert next((v["valid_from"], v["valid_to"]) for v in versions)[0] == at(0)
     for v in versions:
         assert v["valid_to"] is None or v["valid_to"] > v["valid_from"]  # no zero length
     changes = await conn.fetch("SELECT path FROM mirror.changes ORDER BY changed_at, path")
@@ -267,7 +267,7 @@ async def test_a_later_delivery_never_changes_an_earlier_known_at_answer(
         salt: int) -> None:
     oid = f"law_{salt}_{rnd.randint(0, 10**9)}"
     rnd.shuffle(plan)
-    instants = sorted({p["minute"] for p in plan}) + [10_000]
+    instants = [*sorted({p["minute"] for p in plan}), 10000]
     seen: dict[tuple[int, int], Any] = {}
     for n, p in enumerate(plan):
         event = order(p["minute"], p["status"], kind=p["kind"], previous=p["previous"],

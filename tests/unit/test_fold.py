@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -100,7 +101,7 @@ def test_any_permutation_and_duplication_gives_the_same_timeline(
     assert changes(again) == changes(reference)
     # Consecutive versions always differ, and none has zero length.
     versions = timeline(reference)
-    for before, after in zip(versions, versions[1:], strict=False):
+    for before, after in itertools.pairwise(versions):
         assert before[1] == after[0] and before[0] < after[0]
         assert (before[2], before[3]) != (after[2], after[3])
 
@@ -187,7 +188,7 @@ def test_known_at_answer_is_the_fold_of_what_had_arrived(events: list[Event], rn
                      T0 + timedelta(days=1, seconds=n), e.data, e.previous_attributes,
                      e.envelope) for n, e in enumerate(events)]
     everything = fold(ORDER, arrived).candidates
-    instants = sorted({c.valid_from for c in everything}) + [T0 + timedelta(days=3)]
+    instants = [*sorted({c.valid_from for c in everything}), T0 + timedelta(days=3)]
     for n in range(1, len(arrived) + 1):
         known = T0 + timedelta(days=1, seconds=n - 1)
         prefix = fold(ORDER, arrived[:n])
