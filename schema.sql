@@ -244,6 +244,30 @@ CREATE TABLE IF NOT EXISTS mirror.backfill_progress (
     PRIMARY KEY (connection_id, endpoint, filters)
 );
 
+-- Truncated deliveries and their completion through data_url (mirror/trackstar/completion.py).
+-- One row per stub (unusable_reason 'data truncated'), created by the completion worker from
+-- the log. A worker claims due rows with FOR UPDATE SKIP LOCKED and a lease on the database
+-- clock, so several service instances never fetch one data_url at once; the completing event
+-- (event id 'fetch_' || event_id) is appended in the same transaction that marks the row
+-- completed, and the log's unique event_id keeps it to one even if a lease runs out.
+CREATE TABLE IF NOT EXISTS mirror.completions (
+    connection_id   text NOT NULL,
+    event_id        text NOT NULL,                -- the truncated delivery's svix-id
+    state           text NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'completed', 'failed')),
+    attempts        integer NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    lease_owner     text,                         -- host:pid of the worker holding it
+    lease_until     timestamptz,
+    reason          text,                         -- why it failed, or the last error
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    completed_at    timestamptz,
+    PRIMARY KEY (connection_id, event_id)
+);
+CREATE INDEX IF NOT EXISTS completions_due ON mirror.completions (next_attempt_at)
+    WHERE state = 'pending';
+
 -- Projection workers' heartbeats, wherever they run (the child of `mirror serve`, or
 -- `mirror project` on other machines): /readyz and `mirror status` read them.
 CREATE TABLE IF NOT EXISTS mirror.workers (

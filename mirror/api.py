@@ -122,7 +122,15 @@ async def get_history(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    """Register the read API on ``app``."""
-    app.router.add_get("/objects/{resource}/{id}/history", get_history,
+    """Register the read API on ``app``.
+
+    The id is percent-encoded in the path (a connection error's id is a URL). aiohttp routes
+    on the path with ``%2F`` (and ``%25``) still encoded and decodes each matched part once,
+    so ``/objects/connection-error/https%3A%2F%2Fwms%2Fa%3Fb/history`` is the history of
+    ``https://wms/a?b``. ``{id:.+}`` also takes an id whose ``/`` a client did not encode;
+    the history route is tried first, so such an id must not end in ``/history``.
+    """
+    app.router.add_get("/objects/{resource}/{id:.+}/history", get_history,
                        expect_handler=expect_handler)
-    app.router.add_get("/objects/{resource}/{id}", get_object, expect_handler=expect_handler)
+    app.router.add_get("/objects/{resource}/{id:.+}", get_object,
+                       expect_handler=expect_handler)

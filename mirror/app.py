@@ -10,12 +10,14 @@ from aiohttp import web
 
 from mirror import api, ingress
 from mirror.db import create_pool
-from mirror.keys import APPENDER, METRICS, POOL, PROJECTOR, SETTINGS, VERIFIER
+from mirror.keys import APPENDER, COMPLETION, METRICS, POOL, PROJECTOR, SETTINGS, VERIFIER
 from mirror.log import Appender
 from mirror.metrics import Metrics
 from mirror.projector import Projector
 from mirror.settings import Settings
 from mirror.supervise import ProjectorProcess
+from mirror.trackstar.client import ApiSettings
+from mirror.trackstar.completion import CompletionWorker
 from mirror.verify import Verifier
 
 # Svix sends a handful of short headers; anything near these limits is not a webhook.
@@ -45,9 +47,11 @@ def server_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def create_app(settings: Settings, *, project: bool = True) -> web.Application:
+def create_app(settings: Settings, *, project: bool = True,
+               complete: bool = True) -> web.Application:
     """The service: webhook ingress, read API, operations endpoints and (optionally) the
-    projection workers, all sharing one pool."""
+    projection workers and, when a Trackstar API key is set, the completion of truncated
+    deliveries, all sharing one pool."""
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, ingress.MalformedRequestFilter) for f in server_log.filters):
         server_log.addFilter(ingress.MalformedRequestFilter())
@@ -74,7 +78,15 @@ def create_app(settings: Settings, *, project: bool = True) -> web.Application:
                                   poll_interval=settings.poll_interval, metrics=app[METRICS])
             projector.start()
             app[PROJECTOR] = projector
+        api = ApiSettings.for_service(settings) if complete else None
+        completer = None
+        if api is not None:
+            completer = CompletionWorker(pool, api, metrics=app[METRICS])
+            completer.start()
+            app[COMPLETION] = completer
         yield
+        if completer is not None:
+            await completer.stop()
         await app[APPENDER].close()
         if projector is not None:
             await projector.stop()

@@ -97,7 +97,8 @@ def _serve_with(settings: Settings, secret_files: dict[str, Path] | None,
         pid = os.fork()
         if pid == 0:  # another ingress process on the same port; it dies with this one
             die_with_parent()
-            _run_app(create_app(settings, project=False), settings, reuse_port=True)
+            _run_app(create_app(settings, project=False, complete=False), settings,
+                     reuse_port=True)
             os._exit(0)
         children.append(pid)
     try:
@@ -175,12 +176,16 @@ def cmd_project(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from mirror.status import gather
+    from mirror.trackstar import completion
 
     url = database_url()
 
     async def run() -> dict[str, Any]:
         async with connect(url) as conn:
-            return await gather(conn)
+            report = await gather(conn)
+            report["truncated_deliveries"] = await completion.counts(conn)
+            report["truncated_failures"] = await completion.failures(conn)
+            return report
 
     report = asyncio.run(run())
     if args.json:
@@ -189,6 +194,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         from mirror.status import render
 
         print(render(report))
+        print("\n".join(completion.render_counts(report["truncated_deliveries"],
+                                                 report["truncated_failures"])))
     return 0
 
 
@@ -283,15 +290,15 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def _api_settings(args: argparse.Namespace, *, need_access_token: bool = True) -> Any:
-    from mirror.trackstar_api import ApiSettings
+    from mirror.trackstar.client import ApiSettings
 
     return ApiSettings.from_env(os.environ, access_token=getattr(args, "access_token", None),
                                 need_access_token=need_access_token)
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from mirror.backfill import backfill, render_results
-    from mirror.trackstar_api import TrackstarClient
+    from mirror.trackstar.backfill import backfill, render_results
+    from mirror.trackstar.client import TrackstarClient
 
     api = _api_settings(args)
     since = _parse_time_arg(args.since, "--since")
@@ -312,8 +319,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch_truncated(args: argparse.Namespace) -> int:
-    from mirror.backfill import fetch_truncated
-    from mirror.trackstar_api import TrackstarClient
+    from mirror.trackstar.client import TrackstarClient
+    from mirror.trackstar.completion import fetch_truncated
 
     api = _api_settings(args, need_access_token=False)
     url = database_url()
@@ -333,8 +340,8 @@ def cmd_fetch_truncated(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from mirror.reconcile import as_json, reconcile, render
-    from mirror.trackstar_api import TrackstarClient
+    from mirror.trackstar.client import TrackstarClient
+    from mirror.trackstar.reconcile import as_json, reconcile, render
 
     api = _api_settings(args)
     url = database_url()
@@ -412,12 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--limit", type=int, default=1000)
     fetch.set_defaults(func=cmd_fetch_truncated)
     rec = sub.add_parser("reconcile", help="compare current state with the Trackstar API; "
-                         "--repair appends what is missing or newer")
+                         "--repair appends what is missing or newer and deletes what a "
+                         "complete listing no longer holds")
     rec.add_argument("--connection-id", required=True)
     rec.add_argument("--resource", action="append", default=None,
                      help="a resource to compare (repeatable; default: all)")
     rec.add_argument("--repair", action="store_true",
-                     help="append snapshot events (origin reconcile) and record the drift")
+                     help="append snapshot and deletion events (origin reconcile) and "
+                     "record the drift")
     rec.add_argument("--json", action="store_true")
     rec.add_argument("--access-token", default=None, help=token_help)
     rec.add_argument("--page-size", type=int, default=1000, help="objects per page (max 1000)")

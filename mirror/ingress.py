@@ -20,6 +20,7 @@ from mirror.errors import DatabaseUnavailable, VerificationFailed
 from mirror.keys import APPENDER, METRICS, POOL, SETTINGS, VERIFIER
 from mirror.log import Record
 from mirror.progress import live_workers, projection_lag, refresh_gauges
+from mirror.trackstar import completion
 
 log = logging.getLogger("mirror.ingress")
 
@@ -224,6 +225,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
         # The gauges describe the database, so an ingress-only process serves them too.
         async with asyncio.timeout(2.0), app[POOL].acquire() as conn:
             await refresh_gauges(conn, app[METRICS])
+            await completion.refresh_gauges(conn, app[METRICS])
     except Exception as exc:
         log.warning("metrics refresh failed", extra={"error": type(exc).__name__})
     payload = generate_latest(app[METRICS].registry)

@@ -15,6 +15,7 @@ from mirror.verify import Verifier
 if TYPE_CHECKING:
     from mirror.projector import Projector
     from mirror.supervise import ProjectorProcess
+    from mirror.trackstar.completion import CompletionWorker
 
 SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
@@ -22,3 +23,4 @@ APPENDER = web.AppKey("appender", Appender)
 VERIFIER = web.AppKey("verifier", Verifier)
 METRICS = web.AppKey("metrics", Metrics)
 PROJECTOR: web.AppKey[Projector | ProjectorProcess] = web.AppKey("projector")
+COMPLETION: web.AppKey[CompletionWorker] = web.AppKey("completion")

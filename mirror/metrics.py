@@ -50,3 +50,10 @@ class Metrics:
         self.poisoned = make_gauge("mirror_poisoned_objects", "Objects whose fold failed",
                                    registry=r)
         self.projected = Counter("mirror_projected_events", "Events folded", registry=r)
+        self.completions = make_gauge(
+            "mirror_truncated_deliveries",
+            "Truncated deliveries by completion state (pending, completed, failed)", ["state"],
+            registry=r)
+        self.completion_attempts = Counter(
+            "mirror_completion_attempts",
+            "Tries to complete a truncated delivery, by outcome", ["outcome"], registry=r)

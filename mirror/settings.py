@@ -10,6 +10,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from mirror.errors import ConfigError
 
@@ -17,6 +18,23 @@ DEFAULT_MAX_BODY = 10 * 1024 * 1024
 DEFAULT_REQUEST_TIMEOUT = 10
 SECRET_PREFIX = "whsec_"
 MIN_API_TOKEN = 16
+DEFAULT_TRACKSTAR_BASE_URL = "https://production.trackstarhq.com"
+
+
+def trackstar_base_url(env: Mapping[str, str]) -> str:
+    """``MIRROR_TRACKSTAR_BASE_URL`` (default: Trackstar's production API), checked to be an
+    http(s) URL, without a trailing slash."""
+    base = (env.get("MIRROR_TRACKSTAR_BASE_URL") or "").strip() or DEFAULT_TRACKSTAR_BASE_URL
+    parts = urlsplit(base)
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ConfigError(f"MIRROR_TRACKSTAR_BASE_URL has a bad port, got {base!r}") from None
+    if parts.scheme not in {"http", "https"} or not parts.hostname or "@" in parts.netloc \
+            or parts.query or parts.fragment:
+        raise ConfigError("MIRROR_TRACKSTAR_BASE_URL must be an http(s) URL without "
+                          f"credentials, query or fragment, got {base!r}")
+    return base.rstrip("/")
 
 
 def parse_webhook_secrets(raw: str, variable: str = "MIRROR_WEBHOOK_SECRET") -> tuple[str, ...]:
@@ -85,6 +103,10 @@ class Settings:
     # Ingress processes sharing the port (SO_REUSEPORT); verification and parsing are CPU
     # work, so one per core.
     ingress_processes: int = 1
+    # The Trackstar REST API: with a key, the service completes truncated deliveries itself
+    # (mirror.trackstar.completion). The key is sent to trackstar_base_url's host only.
+    trackstar_api_key: str = field(default="", repr=False)
+    trackstar_base_url: str = DEFAULT_TRACKSTAR_BASE_URL
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, database_url: str | None = None,
@@ -120,6 +142,8 @@ class Settings:
             projector=_choice(env, "MIRROR_PROJECTOR", ("process", "inline"), "process"),
             ingress_processes=_int(env, "MIRROR_INGRESS_PROCESSES",
                                    min(os.cpu_count() or 1, 4), 1, 64),
+            trackstar_api_key=(env.get("MIRROR_TRACKSTAR_API_KEY") or "").strip(),
+            trackstar_base_url=trackstar_base_url(env),
         )
 
 

@@ -136,13 +136,44 @@ class Resource:
     # How one event's data turns into the object's state. The default is "data is the whole
     # object"; resources whose events carry partial payloads (connections) merge instead.
     state: StateFn | None = field(default=None, compare=False)
+    # The Trackstar REST list endpoint (mirror.trackstar: backfill, reconcile). Every resource
+    # must say it, None meaning "the API lists no such objects", so a resource is never left
+    # out of a backfill by omission. ``{parent_id}`` in the path is filled with the id of
+    # every object of ``list_parent`` (warehouse locations are listed per warehouse).
+    list_path: str | None = field(kw_only=True)
+    list_parent: str | None = field(default=None, kw_only=True)
+    # Place in the walk order of backfill and reconcile: lower first, so the things others
+    # refer to (warehouses, products) come before the things that refer to them (orders).
+    walk_order: int = field(default=0, kw_only=True)
 
     def __post_init__(self) -> None:
         for name in (self.name, self.table):
             if not _IDENT.match(name):
                 raise ValueError(f"bad identifier {name!r}")
-        object.__setattr__(self, "events", tuple(normalise_kind(e) for e in self.events))
-        object.__setattr__(self, "deletes", tuple(normalise_kind(e) for e in self.deletes))
+        # Every resource accepts ``<resource>.deleted`` as a deletion, whether Trackstar sends
+        # it (connection, connection-error) or `mirror reconcile --repair` appends it for an
+        # object the API no longer lists (origin reconcile).
+        events = tuple(normalise_kind(e) for e in self.events)
+        deletes = tuple(normalise_kind(e) for e in self.deletes)
+        if self.deletion_kind not in events:
+            events += (self.deletion_kind,)
+        if self.deletion_kind not in deletes:
+            deletes += (self.deletion_kind,)
+        object.__setattr__(self, "events", events)
+        object.__setattr__(self, "deletes", deletes)
+        if self.list_path is not None:
+            if not self.list_path.startswith("/") or "?" in self.list_path:
+                raise ValueError(f"{self.name}: list_path must be a path, got {self.list_path!r}")
+            if (self.list_parent is None) != ("{parent_id}" not in self.list_path):
+                raise ValueError(f"{self.name}: list_path has {{parent_id}} exactly when "
+                                 "list_parent names the resource whose ids fill it")
+        elif self.list_parent is not None:
+            raise ValueError(f"{self.name}: list_parent without a list_path")
+
+    @property
+    def deletion_kind(self) -> str:
+        """The routed ``<resource>.deleted`` event type that removes an object."""
+        return normalise_kind(self.name + ".deleted")
 
     def object_key(self, envelope: Mapping[str, Any]) -> str | None:
         """The object's id within its connection, or None when the envelope lacks it."""

@@ -5,6 +5,8 @@ from projections.base import Column, Resource
 RESOURCE = Resource(
     name="bill",
     table="bills",
+    list_path="/wms/billing",
+    walk_order=100,
     events=("bill.created", "bill.updated"),
     columns=(
         Column("object_id"),

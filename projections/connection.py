@@ -35,6 +35,7 @@ def _merge(previous: dict[str, Any] | None, data: dict[str, Any],
 RESOURCE = Resource(
     name="connection",
     table="connections",
+    list_path=None,  # not listed by the REST API: webhooks only
     events=("connection.created", "connection.deleted", "connection.historical-sync-completed"),
     key="connection_id",
     deletes=("connection.deleted",),

@@ -6,6 +6,7 @@ from projections.base import Column, Resource
 RESOURCE = Resource(
     name="connection_error",
     table="connection_errors",
+    list_path=None,  # not listed by the REST API: webhooks only
     events=("connection-error.created", "connection-error.updated", "connection-error.deleted"),
     key="data.failed_url",
     deletes=("connection-error.deleted",),

@@ -6,6 +6,8 @@ from projections.base import Child, Column, Resource
 RESOURCE = Resource(
     name="inbound_shipment",
     table="inbound_shipments",
+    list_path="/wms/inbound-shipments",
+    walk_order=80,
     events=(
         "inbound-shipment.created",
         "inbound-shipment.updated",

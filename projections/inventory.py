@@ -5,6 +5,8 @@ from projections.base import Column, Resource
 RESOURCE = Resource(
     name="inventory",
     table="inventory_items",
+    list_path="/wms/inventory",
+    walk_order=60,
     events=("inventory.created", "inventory.updated"),
     columns=(
         Column("sku"),

@@ -5,6 +5,8 @@ from projections.base import Child, Column, Resource
 RESOURCE = Resource(
     name="order",
     table="orders",
+    list_path="/wms/orders",
+    walk_order=70,
     events=("order.created", "order.updated", "order.shipment.created"),
     columns=(
         Column("order_number"),

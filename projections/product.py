@@ -5,6 +5,8 @@ from projections.base import Column, Resource
 RESOURCE = Resource(
     name="product",
     table="products",
+    list_path="/wms/products",
+    walk_order=50,
     events=("product.created", "product.updated"),
     columns=(
         Column("sku"),

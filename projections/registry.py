@@ -27,7 +27,23 @@ def resources() -> tuple[Resource, ...]:
     names = [r.name for r in found]
     if len(set(names)) != len(names):
         raise RuntimeError(f"two resource modules share a name: {sorted(names)}")
+    named = {r.name: r for r in found}
+    for resource in found:
+        if resource.list_parent is None:
+            continue
+        parent = named.get(resource.list_parent)
+        if parent is None or parent.list_path is None or parent.list_parent is not None:
+            raise RuntimeError(f"{resource.name}: list_parent {resource.list_parent!r} is not "
+                               "a resource with its own top-level list endpoint")
+        if parent.walk_order >= resource.walk_order:
+            raise RuntimeError(f"{resource.name}: walk_order must come after its list_parent's")
     return tuple(sorted(found, key=lambda r: r.name))
+
+
+def listed() -> tuple[Resource, ...]:
+    """The resources the Trackstar REST API lists, in walk order (then by name)."""
+    return tuple(sorted((r for r in resources() if r.list_path is not None),
+                        key=lambda r: (r.walk_order, r.name)))
 
 
 @cache

@@ -60,6 +60,11 @@ class FakeTrackstar:
         self.unsupported: set[str] = set()
         self.error_every = 0                        # every n-th list request answers 503
         self.inject: list[int] = []                 # statuses for the next list requests
+        self.broken_from: int | None = None         # pages from this offset on answer 503
+        self.short_by = 0                           # pages end this many objects early
+        self.data_inject: list[int] = []            # statuses for the next data_url requests
+        self.data_delay = 0.0                       # seconds each data_url answer takes
+        self.data_rate_limit = 10_000               # data_url requests per window per API key
         self.events: dict[str, Any] = {}            # data_url answers by event id
         self.signed: dict[str, Any] = {}            # answers of the links data_url returns
         self.requests: list[Served] = []
@@ -193,21 +198,46 @@ class FakeTrackstar:
             if state.get("filters") != signature:
                 return self._error(400, "page_token does not match the filters: repeat every "
                                         "filter on every page")
+        if self.broken_from is not None and offset >= self.broken_from:
+            return self._error(503, "Service temporarily unavailable")
         items = [obj for _, obj in sorted(self.listed(connection_id, path).items())
                  if _matches(obj, filters)]
+        total = len(items)
+        if self.short_by:
+            items = items[:max(0, total - self.short_by)]
         page = items[offset:offset + limit]
         next_token = None
         if offset + limit < len(items):
             next_token = base64.urlsafe_b64encode(json.dumps(
                 {"offset": offset + limit, "filters": signature}).encode()).decode()
         return web.json_response({"data": page, "next_token": next_token,
-                                  "total_count": len(items)})
+                                  "total_count": total})
+
+    def _limited(self, key: str, limit: int) -> bool:
+        """Sliding-window rate limit: True when this request is over ``limit``."""
+        now = time.monotonic()
+        recent = self._recent.setdefault(key, deque())
+        while recent and recent[0] <= now - self.window:
+            recent.popleft()
+        if len(recent) >= limit:
+            return True
+        recent.append(now)
+        return False
 
     async def _data(self, request: web.Request) -> web.Response:
         served = self._record(request, 200)
         if request.headers.get("x-trackstar-api-key") != self.api_key:
             served.status = 401
             return self._error(401, "Invalid API key")
+        if self._limited("data:" + self.api_key, self.data_rate_limit):
+            served.status = 429
+            return self._error(429, "Too many requests",
+                               headers={"retry-after": self.retry_after})
+        if self.data_inject:
+            served.status = self.data_inject.pop(0)
+            return self._error(served.status, "injected failure", "fake")
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         answer = self.events.get(request.match_info["event_id"])
         if answer is None:
             served.status = 404

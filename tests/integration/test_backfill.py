@@ -15,19 +15,21 @@ from typing import Any
 import asyncpg
 import pytest
 
-from mirror import backfill as backfill_module
-from mirror.backfill import Progress, ResourceResult, backfill, fetch_truncated
 from mirror.db import init_connection
 from mirror.history import object_as_of, object_history
 from mirror.ksuid import time_of as ksuid_time
-from mirror.reconcile import reconcile
-from mirror.trackstar_api import (
+from mirror.trackstar import backfill as backfill_module
+from mirror.trackstar.backfill import Progress, ResourceResult, backfill
+from mirror.trackstar.client import (
     ApiSettings,
     RetryPolicy,
     TrackstarClient,
     retry_after_seconds,
 )
+from mirror.trackstar.completion import fetch_truncated
+from mirror.trackstar.reconcile import reconcile
 from projections import registry
+from projections.base import parse_time
 from tests.conftest import fresh_database
 from tests.fake_trackstar import DROP, FakeTrackstar
 from tests.logtools import append, project_all, record
@@ -496,19 +498,21 @@ async def test_reconcile_reports_injected_drift_and_repair_fixes_it(
         repaired = await reconcile(conn, client, CONN, resources=["order", "inventory"],
                                    repair=True)
     assert sorted(d.object_id for r in repaired for d in r.drifts if d.repaired) == \
-        ["inv_00003", "ord_00005", "ord_new"]
-    repairs = await conn.fetch("SELECT event_id, object_id, event_type FROM mirror.events "
+        ["inv_00003", "ord_00005", "ord_00007", "ord_new"]
+    repairs = await conn.fetch("SELECT event_id, object_id, event_type, data FROM mirror.events "
                                "WHERE origin = 'reconcile' ORDER BY object_id")
     assert [(r["object_id"], r["event_type"]) for r in repairs] == [
         ("inv_00003", "inventory.updated"), ("ord_00005", "order.updated"),
-        ("ord_new", "order.updated")]
+        ("ord_00007", "order.deleted"), ("ord_new", "order.updated")]
     assert all(ksuid_time(r["event_id"]) is not None for r in repairs)
+    deleted_at = parse_time(repairs[2]["data"]["deleted_date"])
+    assert deleted_at is not None and abs(deleted_at - datetime.now(UTC)) < timedelta(minutes=1)
     drift = await conn.fetch("SELECT object_id, resolved_at IS NOT NULL AS resolved, paths, "
                              "detail->>'drift' AS what FROM mirror.anomalies "
                              "WHERE kind = 'drift' ORDER BY object_id")
     assert [(d["object_id"], d["what"], d["resolved"]) for d in drift] == [
         ("inv_00003", "differs", True), ("ord_00005", "differs", True),
-        ("ord_00007", "missing_there", False), ("ord_00009", "differs", False),
+        ("ord_00007", "missing_there", True), ("ord_00009", "differs", False),
         ("ord_new", "missing_here", True)]
     assert drift[0]["paths"] == ["locations.0.quantity", "onhand"]
 
@@ -516,12 +520,74 @@ async def test_reconcile_reports_injected_drift_and_repair_fixes_it(
     async with client_for(fake) as client:
         after = await reconcile(conn, client, CONN, resources=["order", "inventory"])
     assert {(r.resource, d.object_id, d.kind) for r in after for d in r.drifts} == {
-        ("order", "ord_00007", "missing_there"), ("order", "ord_00009", "differs")}
+        ("order", "ord_00009", "differs")}
     assert (await current_state(conn, "inventory"))["inv_00003"]["onhand"] == 999
     assert (await current_state(conn, "order"))["ord_new"] == \
         fake.listed(CONN, PATHS["order"])["ord_new"]
     assert await conn.fetchval("SELECT status FROM mirror.orders WHERE id = 'ord_00005'") == \
         "shipped"
+    # The deleted order left current state; its history stays, ending in the deletion.
+    assert "ord_00007" not in await current_state(conn, "order")
+    history = await object_history(conn, "order", "ord_00007")
+    assert history[-1]["data"] is None and history[-1]["event_type"] == "order.deleted"
+    assert parse_time(history[-1]["valid_from"]) == deleted_at and history[-2]["data"]["id"] == "ord_00007"
+    assert (await object_as_of(conn, "order", "ord_00007", datetime.now(UTC)))[1] is None
+    assert (await object_as_of(conn, "order", "ord_00007",
+                               deleted_at - timedelta(seconds=1)))[1] is not None
+
+
+async def test_reconcile_deletes_only_after_a_complete_listing(
+        fake: FakeTrackstar, conn: asyncpg.Connection, db_url: str) -> None:
+    populate(fake, orders=30)
+    await run_backfill(conn, fake, resources=["order"])
+    await project_all(conn)
+    fake.remove(CONN, PATHS["order"], "ord_00003")
+    fake.remove(CONN, PATHS["order"], "ord_00025")
+    gone = ("order.deleted",)
+
+    # The listing fails midway: its third page keeps answering 503, through every retry.
+    fake.broken_from = 20
+    async with client_for(fake) as client:
+        failed = await reconcile(conn, client, CONN, resources=["order"], repair=True,
+                                 page_size=10)
+    assert [(r.status, r.drifts) for r in failed] == [("failed", [])]
+    assert "the listing failed" in failed[0].message and "503" in failed[0].message
+    code, out, _ = await run_cli(db_url, fake, "reconcile", "--connection-id", CONN,
+                                 "--resource", "order", "--repair", "--page-size", "10")
+    assert code == 1 and "order: FAILED: the listing failed, nothing compared or repaired" in out
+    assert await conn.fetchval("SELECT count(*) FROM mirror.events "
+                               "WHERE origin = 'reconcile'") == 0
+
+    # The listing ends early: its pages stop five objects short of the total_count it gives.
+    fake.broken_from = None
+    fake.short_by = 5
+    async with client_for(fake) as client:
+        short = await reconcile(conn, client, CONN, resources=["order"], repair=True,
+                                page_size=10)
+    assert short[0].status == "incomplete" and "23 of the 28" in short[0].message
+    missing = [d for d in short[0].drifts if d.kind == "missing_there"]
+    assert {d.object_id for d in missing} >= {"ord_00003", "ord_00025"}
+    assert not any(d.repaired for d in missing)
+    assert all("cut short" in d.reason for d in missing)
+    assert await conn.fetchval("SELECT count(*) FROM mirror.events WHERE event_type = ANY($1)",
+                               list(gone)) == 0
+    await project_all(conn)
+    assert len(await current_state(conn, "order")) == 30
+
+    # A complete listing: exactly the two objects the API no longer lists are deleted.
+    fake.short_by = 0
+    code, out, err = await run_cli(db_url, fake, "reconcile", "--connection-id", CONN,
+                                   "--resource", "order", "--repair", "--page-size", "10")
+    assert code == 0, out + err
+    assert "missing there ord_00003  [deleted]" in out
+    deleted = await conn.fetch("SELECT object_id FROM mirror.events WHERE event_type = ANY($1) "
+                               "ORDER BY object_id", list(gone))
+    assert [r["object_id"] for r in deleted] == ["ord_00003", "ord_00025"]
+    await project_all(conn)
+    assert set(await current_state(conn, "order")) == set(fake.listed(CONN, PATHS["order"]))
+    assert len(await object_history(conn, "order", "ord_00003")) == 2
+    assert await conn.fetchval("SELECT count(*) FROM mirror.anomalies WHERE kind = 'drift' "
+                               "AND detail->>'repair' = 'deleted' AND resolved_at IS NOT NULL") == 2
 
 
 # ---------------------------------------------------------------------------------------------

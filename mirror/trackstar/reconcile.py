@@ -11,10 +11,16 @@ differing object whose API state is not older than the mirror's: the mirror neve
 time because a list was stale (a newer webhook wins, as CONTRACT §5 says). A repair's event id
 is ``reconcile_`` + a KSUID carrying the time of the reconciliation; when the API state has the
 same ``updated_date`` as the mirror's (a change the WMS made without touching it), the repair,
-appended last, wins the tie by log order (CONTRACT §5). Objects missing there cannot be
-repaired by an event (the resources the API lists have no delete events); they are reported.
-Every drift found by ``--repair`` is recorded in ``mirror.anomalies`` (kind ``drift``), resolved
-at once when repaired.
+appended last, wins the tie by log order (CONTRACT §5).
+
+An object missing there gets a deletion event (``<resource>.deleted``, origin ``reconcile``,
+``deleted_date`` = when reconcile ran) only when the resource's listing was complete and
+error-free: every page answered, as many objects as the API's ``total_count`` said, no page
+token handed out twice. A listing that failed deletes nothing (nothing at all is repaired
+for that resource); one that was cut short repairs what it saw but deletes nothing. An object
+whose latest event arrived after the listing started is not deleted either: it may have been
+created after the API listed that page. Every drift found by ``--repair`` is recorded in
+``mirror.anomalies`` (kind ``drift``), resolved at once when repaired.
 """
 
 from __future__ import annotations
@@ -29,19 +35,20 @@ import asyncpg
 import orjson
 
 from mirror import paths
-from mirror.backfill import Snapshot, endpoints_of, list_all, select_resources, snapshot
 from mirror.db import json_text
 from mirror.log import Record, insert_records
-from mirror.trackstar_api import (
+from mirror.trackstar.client import (
     MAX_PAGE_SIZE,
     AuthFailed,
     TrackstarClient,
     TrackstarError,
     Unsupported,
 )
+from mirror.trackstar.listing import endpoints_of, next_token, select_resources
+from mirror.trackstar.snapshots import Snapshot, deletion, snapshot
 from projections.base import Resource, parse_time
 
-log = logging.getLogger("mirror.reconcile")
+log = logging.getLogger("mirror.trackstar.reconcile")
 
 REPAIR_PREFIX = "reconcile_"
 _KSUID_EPOCH = 1_400_000_000
@@ -52,12 +59,18 @@ SELECT integration_name FROM mirror.connections WHERE connection_id = $1 AND id 
 """
 # Events of this connection and these resources that the projection has not folded yet: while
 # there are any, the current state lags the log and drift may only be that lag.
+# "Not folded yet" has one definition, the view mirror.unprojected_events (schema.sql).
 UNPROJECTED_SQL = """
 SELECT count(*)
-FROM mirror.events e
-JOIN mirror.checkpoints c ON c.part = e.part
-WHERE (e.txid, e.position) > (c.last_txid, c.last_position)
-  AND e.connection_id = $1 AND e.resource = ANY($2::text[]) AND e.unusable_reason IS NULL
+FROM mirror.unprojected_events
+WHERE connection_id = $1 AND resource = ANY($2::text[]) AND unusable_reason IS NULL
+"""
+# When the mirror last received an event about each of these objects.
+LAST_RECEIVED_SQL = """
+SELECT object_id, max(received_at) AS last
+FROM mirror.events
+WHERE resource = $1 AND connection_id = $2 AND object_id = ANY($3::text[])
+GROUP BY object_id
 """
 RECORD_DRIFT_SQL = """
 INSERT INTO mirror.anomalies (resource, connection_id, object_id, kind, at, event_id, paths,
@@ -97,12 +110,21 @@ class Drift:
     event_id: str | None = None                 # the repair event
 
 
+async def unprojected_events(conn: asyncpg.Connection, connection_id: str,
+                             resource: str) -> int:
+    """Events of this connection and resource not folded into current state yet.
+
+    The one place reconcile depends on how the projection engine keeps its progress."""
+    count: int = await conn.fetchval(UNPROJECTED_SQL, connection_id, [resource])
+    return count
+
+
 @dataclass
 class ResourceDrift:
     """The comparison of one resource."""
 
     resource: str
-    status: str = "ok"            # ok | unsupported | failed
+    status: str = "ok"            # ok | incomplete | unsupported | failed
     api_objects: int = 0
     mirror_objects: int = 0
     unprojected: int = 0          # events not folded yet when the comparison ran
@@ -152,9 +174,7 @@ def compare(mirror: dict[str, dict[str, Any]], api: dict[str, Snapshot]) -> list
                                 api_updated=api_updated, repairable=True))
         elif there is None:
             drifts.append(Drift(object_id, "missing_there", mirror_updated=mirror_updated,
-                                api_updated=api_updated,
-                                reason="the API no longer lists it and this resource has no "
-                                "delete event"))
+                                api_updated=api_updated, repairable=True))
         else:
             changed = paths.changes(here, there)
             if not changed:
@@ -168,65 +188,134 @@ def compare(mirror: dict[str, dict[str, Any]], api: dict[str, Snapshot]) -> list
     return drifts
 
 
+@dataclass
+class Listing:
+    """Everything the API listed for one resource, and whether that is all it has."""
+
+    objects: dict[str, Snapshot] = field(default_factory=dict)
+    skipped: int = 0
+    short: str = ""               # why the listing is not complete ("" when it is)
+
+
+async def list_resource(client: TrackstarClient, resource: Resource, connection_id: str,
+                        integration: str | None, page_size: int) -> Listing:
+    """Every object of ``resource`` the API lists. Raises TrackstarError when a page fails
+    (after the client's retries); ``short`` says when the pages ended before ``total_count``."""
+    listing = Listing()
+    for endpoint in await endpoints_of(client, resource, page_size):
+        token: str | None = None
+        seen: set[str] = set()
+        received = 0
+        while True:
+            page = await client.list_page(endpoint, {}, token, page_size)
+            received += len(page.data)
+            for obj in page.data:
+                snap = snapshot(resource, connection_id, integration, obj, "reconcile", endpoint)
+                if snap is None:
+                    listing.skipped += 1
+                else:
+                    listing.objects[snap.object_id] = snap
+            token = next_token(page, seen, endpoint)
+            if token is None:
+                break
+        if page.total_count is not None and received < page.total_count and not listing.short:
+            listing.short = (f"{endpoint} listed {received} of the {page.total_count} objects "
+                             "it counts")
+    return listing
+
+
 async def reconcile(conn: asyncpg.Connection, client: TrackstarClient, connection_id: str, *,
                     resources: Sequence[str] | None = None, repair: bool = False,
                     page_size: int = MAX_PAGE_SIZE,
                     now: Callable[[], datetime] = lambda: datetime.now(UTC),
                     ) -> list[ResourceDrift]:
     """Compare each chosen resource (default: all with a list endpoint); with ``repair``,
-    append the API's state where it is missing or newer and record the drift."""
+    append the API's state where it is missing or newer, delete what a complete listing no
+    longer holds, and record the drift."""
     chosen = select_resources(resources)
     integration = await conn.fetchval(INTEGRATION_SQL, connection_id)
     reports: list[ResourceDrift] = []
     for resource in chosen:
         report = ResourceDrift(resource.name)
         reports.append(report)
+        started = now()
         try:
-            api: dict[str, Snapshot] = {}
-            for endpoint in await endpoints_of(client, resource, page_size):
-                for obj in await list_all(client, endpoint, {}, page_size):
-                    snap = snapshot(resource, connection_id, integration, obj, "reconcile",
-                                    endpoint)
-                    if snap is None:
-                        report.skipped += 1
-                    else:
-                        api[snap.object_id] = snap
+            listing = await list_resource(client, resource, connection_id, integration,
+                                          page_size)
         except Unsupported as exc:
             report.status, report.message = "unsupported", str(exc)
             continue
         except AuthFailed:
             raise
         except TrackstarError as exc:
-            report.status, report.message = "failed", str(exc)
+            report.status = "failed"
+            report.message = f"the listing failed, nothing compared or repaired: {exc}"
             continue
-        report.unprojected = await conn.fetchval(UNPROJECTED_SQL, connection_id,
-                                                 [resource.name])
+        api = listing.objects
+        report.skipped = listing.skipped
+        report.unprojected = await unprojected_events(conn, connection_id, resource.name)
         rows = await conn.fetch(_mirror_sql(resource), connection_id)
         mirror = {row["id"]: row["data"] for row in rows}
         report.api_objects, report.mirror_objects = len(api), len(mirror)
         report.drifts = compare(mirror, api)
+        if listing.short:
+            report.status = "incomplete"
+            report.message = f"the listing was cut short, nothing deleted: {listing.short}"
+        await _guard_deletions(conn, resource, connection_id, report, listing, started)
         if repair and report.drifts:
-            await _repair(conn, connection_id, resource, report.drifts, api, now())
+            await _repair(conn, connection_id, integration, resource, report.drifts, api, now())
         log.info("reconciled", extra={"resource": resource.name, "api": len(api),
                                       "mirror": len(mirror), "drift": len(report.drifts),
-                                      "repaired": len(report.drifts) - report.unrepaired})
+                                      "repaired": len(report.drifts) - report.unrepaired,
+                                      "status": report.status})
     return reports
 
 
-async def _repair(conn: asyncpg.Connection, connection_id: str, resource: Resource,
-                  drifts: list[Drift], api: dict[str, Snapshot], at: datetime) -> None:
+async def _guard_deletions(conn: asyncpg.Connection, resource: Resource, connection_id: str,
+                           report: ResourceDrift, listing: Listing, started: datetime) -> None:
+    """Keep a deletion repairable only when it is safe: a complete listing, and no event
+    about the object received since the listing began."""
+    gone = [d for d in report.drifts if d.kind == "missing_there"]
+    if not gone:
+        return
+    if listing.short:
+        for drift in gone:
+            drift.repairable = False
+            drift.reason = f"not deleted: the listing was cut short ({listing.short})"
+        return
+    rows = await conn.fetch(LAST_RECEIVED_SQL, resource.name, connection_id,
+                            [d.object_id for d in gone])
+    last = {row["object_id"]: row["last"] for row in rows}
+    for drift in gone:
+        received = last.get(drift.object_id)
+        if received is not None and received >= started:
+            drift.repairable = False
+            drift.reason = "not deleted: an event about it arrived while the API was listed"
+
+
+async def _repair(conn: asyncpg.Connection, connection_id: str, integration: str | None,
+                  resource: Resource, drifts: list[Drift], api: dict[str, Snapshot],
+                  at: datetime) -> None:
     """Append the repairs and record the drift, in one transaction."""
     run_label = f"reconcile@{at.isoformat()}"
     records: list[Record] = []
     for drift in drifts:
-        if drift.repairable:
+        if not drift.repairable:
+            continue
+        if drift.kind == "missing_there":
+            snap = deletion(resource, connection_id, integration, drift.object_id, at,
+                            "reconcile")
+        else:
             snap = api[drift.object_id]
-            drift.event_id = repair_event_id(at, snap.digest(connection_id))
-            records.append(snap.record(drift.event_id, "reconcile", at))
+        drift.event_id = repair_event_id(at, snap.digest(connection_id))
+        records.append(snap.record(drift.event_id, "reconcile", at))
     rows: list[tuple[str, str, str, str, str, bool]] = []
     for drift in drifts:
         detail: dict[str, Any] = {"drift": drift.kind, "mirror_updated_date": drift.mirror_updated,
-                  "api_updated_date": drift.api_updated, "repaired": drift.repairable}
+                                  "api_updated_date": drift.api_updated,
+                                  "repaired": drift.repairable}
+        if drift.kind == "missing_there" and drift.repairable:
+            detail["repair"] = "deleted"
         if drift.reason:
             detail["reason"] = drift.reason
         if drift.changes:
@@ -253,7 +342,7 @@ def render(reports: Sequence[ResourceDrift], *, repair: bool, limit: int = 50) -
     """The drift report as text."""
     lines: list[str] = []
     for report in reports:
-        if report.status != "ok":
+        if report.status not in {"ok", "incomplete"}:
             lines.append(f"{report.resource}: {report.status.upper()}: {report.message}")
             continue
         head = (f"{report.resource}: {report.api_objects:,} in the API, "
@@ -265,6 +354,8 @@ def render(reports: Sequence[ResourceDrift], *, repair: bool, limit: int = 50) -
                      for k in ("missing_here", "missing_there", "differs")}
             lines.append(head + f": {len(report.drifts)} drifted (" + ", ".join(
                 f"{n} {k.replace('_', ' ')}" for k, n in kinds.items() if n) + ")")
+        if report.status == "incomplete":
+            lines.append(f"  INCOMPLETE: {report.message}")
         if report.unprojected:
             lines.append(f"  warning: {report.unprojected} events of this resource are not "
                          "projected yet; some drift may only be projection lag")
@@ -276,7 +367,7 @@ def render(reports: Sequence[ResourceDrift], *, repair: bool, limit: int = 50) -
                 if len(drift.changes) > 5:
                     text += f"; ... {len(drift.changes) - 5} more paths"
             if drift.repaired:
-                text += "  [repaired]"
+                text += "  [deleted]" if drift.kind == "missing_there" else "  [repaired]"
             elif repair or drift.reason:
                 text += f"  [not repaired: {drift.reason or 'not repairable'}]"
             lines.append(text)

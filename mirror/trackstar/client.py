@@ -1,4 +1,4 @@
-"""The Trackstar REST API client used by backfill, reconcile and fetch-truncated.
+"""The Trackstar REST API client used by backfill, reconcile and truncated-event completion.
 
 It knows the list endpoints, pages through them (``next_token`` passed back as ``page_token``,
 every filter repeated on every page), keeps under the per-token rate limit, honours ``429`` +
@@ -26,31 +26,13 @@ from yarl import URL
 
 from mirror.envelope import loads
 from mirror.errors import ConfigError, MirrorError
+from mirror.settings import DEFAULT_TRACKSTAR_BASE_URL, Settings, trackstar_base_url
 
-log = logging.getLogger("mirror.trackstar_api")
+log = logging.getLogger("mirror.trackstar.client")
 
-DEFAULT_BASE_URL = "https://production.trackstarhq.com"
+DEFAULT_BASE_URL = DEFAULT_TRACKSTAR_BASE_URL
 DEFAULT_RATE = 10.0     # GET requests per second per access token (Trackstar's limit)
 MAX_PAGE_SIZE = 1000    # the largest `limit` the list endpoints accept
-
-# The list endpoint of every resource that has one, by registry name. Warehouse locations are
-# listed per warehouse: see LOCATIONS_PATH.
-LIST_PATHS: Mapping[str, str] = {
-    "warehouse": "/wms/warehouses",
-    "warehouse_customer": "/wms/warehouse-customers",
-    "shipping_method": "/wms/shipping-methods",
-    "product": "/wms/products",
-    "inventory": "/wms/inventory",
-    "order": "/wms/orders",
-    "inbound_shipment": "/wms/inbound-shipments",
-    "return": "/wms/returns",
-    "bill": "/wms/billing",
-}
-LOCATIONS_PATH = "/wms/warehouses/{warehouse_id}/locations"
-LOCATIONS_RESOURCE = "warehouse_location"
-# The order in which `mirror backfill` walks the resources: the things others refer to first.
-RESOURCE_ORDER = ("warehouse", LOCATIONS_RESOURCE, "warehouse_customer", "shipping_method",
-                  "product", "inventory", "order", "inbound_shipment", "return", "bill")
 
 
 class TrackstarError(MirrorError):
@@ -69,6 +51,10 @@ class AuthFailed(TrackstarError):
     """401/403: the API key or the access token was refused."""
 
 
+class NotApiHost(TrackstarError):
+    """A URL to be fetched with the API key is not on the configured API's origin."""
+
+
 @dataclass(frozen=True)
 class ApiSettings:
     """Where the API is and the credentials to call it with (never shown by ``repr``)."""
@@ -82,11 +68,7 @@ class ApiSettings:
     def from_env(cls, env: Mapping[str, str], *, access_token: str | None = None,
                  need_access_token: bool = True) -> ApiSettings:
         """Build from ``MIRROR_TRACKSTAR_*``; errors name the variable, never its value."""
-        base = (env.get("MIRROR_TRACKSTAR_BASE_URL") or "").strip() or DEFAULT_BASE_URL
-        parts = urlsplit(base)
-        if parts.scheme not in {"http", "https"} or not parts.hostname:
-            raise ConfigError("MIRROR_TRACKSTAR_BASE_URL must be an http(s) URL, "
-                              f"got {base!r}")
+        base = trackstar_base_url(env)
         key = (env.get("MIRROR_TRACKSTAR_API_KEY") or "").strip()
         if not key:
             raise ConfigError("MIRROR_TRACKSTAR_API_KEY is not set: the organisation API key "
@@ -95,7 +77,15 @@ class ApiSettings:
         if need_access_token and not token:
             raise ConfigError("no access token: pass --access-token or set "
                               "MIRROR_TRACKSTAR_ACCESS_TOKEN to the connection's token")
-        return cls(base.rstrip("/"), key, token)
+        return cls(base, key, token)
+
+    @classmethod
+    def for_service(cls, settings: Settings) -> ApiSettings | None:
+        """The service's API settings (no access token: completion needs only the key);
+        None when no key is configured."""
+        if not settings.trackstar_api_key:
+            return None
+        return cls(settings.trackstar_base_url, settings.trackstar_api_key)
 
 
 @dataclass(frozen=True)
@@ -149,8 +139,8 @@ class RateLimiter:
     async def acquire(self) -> None:
         """Wait for this request's turn."""
         async with self._lock:
-            wait = self._next - self._clock()
-            if wait > 0:
+            # Look again after sleeping: a 429 answered meanwhile may have moved the turn.
+            while (wait := self._next - self._clock()) > 0:
                 await self._sleep(wait)
             self._next = max(self._clock(), self._next) + self._interval
 
@@ -262,11 +252,10 @@ class TrackstarClient:
         redirects are not followed with it. If the answer is a link rather than the event
         (``{"url": …}``, or a redirect), the link is fetched without any credential.
         """
-        base = urlsplit(self.settings.base_url)
-        target = urlsplit(data_url)
-        if (target.scheme, target.netloc) != (base.scheme, base.netloc):
-            raise TrackstarError(0, "data_url is not on the Trackstar API host "
-                                    f"({base.scheme}://{base.netloc}); not sending the API key")
+        if origin_of(data_url) != origin_of(self.settings.base_url):
+            base = urlsplit(self.settings.base_url)
+            raise NotApiHost(0, "data_url is not on the Trackstar API host "
+                                f"({base.scheme}://{base.netloc}); not sending the API key")
         doc = await self._get_json(data_url, {}, self._headers(access_token=False),
                                    follow_link=True)
         link = _link_of(doc)
@@ -344,6 +333,20 @@ class TrackstarClient:
             if status in {401, 403}:
                 raise AuthFailed(status, message)
             raise TrackstarError(status, message)
+
+
+def origin_of(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an http(s) URL, lower case and with the default port filled
+    in; None for anything else (credentials in the URL included: never a match)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in {"http", "https"} or not parts.hostname or "@" in parts.netloc:
+        return None
+    return scheme, parts.hostname.lower(), port or (443 if scheme == "https" else 80)
 
 
 def _link_of(doc: Any) -> str | None:

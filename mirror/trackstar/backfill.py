@@ -1,21 +1,10 @@
-"""Backfill from the Trackstar REST API: the objects that existed before the webhooks started,
-and the full events behind truncated deliveries.
+"""Backfill from the Trackstar REST API: the objects that existed before the webhooks started.
 
-Snapshot convention
--------------------
-Every object a list endpoint returns is appended to ``mirror.events`` like a delivery:
-
-* ``event_type`` is the resource's own ``<resource>.updated`` (``order.updated``,
-  ``inbound-shipment.updated``, …) without ``previous_attributes``, so the registry routes it and
-  the projector folds it like any full-object update, at the object's own ``updated_date``.
-  Nothing in the projections knows about backfill.
-* ``origin`` says where it came from: ``backfill`` here, ``reconcile`` for repairs
-  (mirror/reconcile.py), ``fetch`` for completed truncated deliveries.
-* ``event_id`` is ``backfill_`` + sha256 of connection, resource, object id and the object's
-  canonical JSON: the same object in the same state always gets the same id, so running a
-  backfill again (or resuming one) adds nothing, while an object that changed is a new version.
-* The stored body is a Trackstar-style envelope built from the object, parsed by
-  mirror.envelope like any delivery, so credential redaction applies.
+Every object a list endpoint returns is appended as a snapshot event (mirror.trackstar.
+snapshots) with origin ``backfill`` and event id ``backfill_`` + sha256 of connection, resource,
+object id and the object's canonical JSON: the same object in the same state always gets the
+same id, so running a backfill again (or resuming one) adds nothing, while an object that
+changed is a new version.
 
 Resuming
 --------
@@ -29,109 +18,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TextIO
+from typing import TextIO
 
 import asyncpg
-import orjson
 
-from mirror import envelope as envelope_mod
 from mirror.errors import MirrorError
 from mirror.log import Record, insert_records
-from mirror.trackstar_api import (
-    LIST_PATHS,
-    LOCATIONS_PATH,
-    LOCATIONS_RESOURCE,
+from mirror.trackstar import listing
+from mirror.trackstar.client import (
     MAX_PAGE_SIZE,
-    RESOURCE_ORDER,
     AuthFailed,
-    Page,
     TrackstarClient,
     TrackstarError,
     Unsupported,
 )
-from projections import registry
-from projections.base import Resource, normalise_kind
+from mirror.trackstar.listing import endpoints_of, select_resources
+from mirror.trackstar.snapshots import Snapshot, snapshot
+from projections.base import Resource
 
-log = logging.getLogger("mirror.backfill")
+log = logging.getLogger("mirror.trackstar.backfill")
 
 SINCE_FILTER = "updated_date[gte]"
-
-
-# ---------------------------------------------------------------------------------------------
-# Snapshot events
-# ---------------------------------------------------------------------------------------------
-def snapshot_event_type(resource: Resource) -> str:
-    """The routed ``<resource>.updated`` event type a snapshot of ``resource`` is stored as."""
-    for kind in resource.events:
-        if kind.endswith(".updated") and kind.count(".") == 1:
-            return kind
-    raise MirrorError(f"resource {resource.name} has no <resource>.updated event")
-
-
-def canonical_json(value: Any) -> bytes:
-    """JSON with sorted keys and no spaces: equal objects give equal bytes."""
-    try:
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-    except TypeError:  # integers beyond 64 bits
-        return json.dumps(value, sort_keys=True, separators=(",", ":"),
-                          ensure_ascii=False).encode()
-
-
-def content_digest(connection_id: str, resource: str, object_id: str, data: Any) -> bytes:
-    """sha256 of one object's identity and state (its redacted, canonical JSON)."""
-    digest = hashlib.sha256()
-    for part in (connection_id, resource, object_id):
-        digest.update(part.encode())
-        digest.update(b"\x00")
-    digest.update(canonical_json(data))
-    return digest.digest()
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """One API object as a log envelope, before it gets its event id."""
-
-    resource: Resource
-    object_id: str
-    data: dict[str, Any]           # as stored: credentials redacted
-    envelope: envelope_mod.Envelope
-
-    def record(self, event_id: str, origin: str, received_at: datetime) -> Record:
-        """The log row for this snapshot."""
-        return Record(event_id, received_at, None, origin, self.envelope)
-
-    def digest(self, connection_id: str) -> bytes:
-        """See content_digest."""
-        return content_digest(connection_id, self.resource.name, self.object_id, self.data)
-
-
-def snapshot(resource: Resource, connection_id: str, integration_name: str | None,
-             obj: Mapping[str, Any], origin: str, source: str) -> Snapshot | None:
-    """``obj`` as a snapshot envelope, parsed (and redacted) by mirror.envelope; None when it
-    cannot be stored as a version (no usable id)."""
-    doc: dict[str, Any] = {
-        "connection_id": connection_id,
-        "integration_name": integration_name,
-        "integration_type": "wms",
-        "event_type": snapshot_event_type(resource),
-        "data": dict(obj),
-        "origin": origin,
-        "source": source,
-    }
-    if integration_name is None:
-        del doc["integration_name"]
-    parsed = envelope_mod.parse(canonical_json(doc))
-    if parsed.unusable_reason is not None or parsed.object_id is None or parsed.data is None:
-        return None
-    data = envelope_mod.loads(parsed.data)
-    return Snapshot(resource, parsed.object_id, data, parsed)
 
 
 def backfill_event_id(snap: Snapshot, connection_id: str) -> str:
@@ -261,28 +173,6 @@ class ResourceResult:
     endpoints: list[str] = field(default_factory=list)
 
 
-def select_resources(names: Iterable[str] | None) -> list[Resource]:
-    """The resources to walk, in dependency order; every name must have a list endpoint."""
-    available = [name for name in RESOURCE_ORDER if registry.by_name(name) is not None]
-    if not names:
-        wanted = available
-    else:
-        wanted = []
-        for name in names:
-            found = registry.by_name(name)
-            if found is None or found.name not in available:
-                raise MirrorError(f"no list endpoint for resource {name!r}; choose from "
-                                  f"{', '.join(available)}")
-            wanted.append(found.name)
-        wanted = [name for name in available if name in wanted]
-    out = []
-    for name in wanted:
-        resource = registry.by_name(name)
-        assert resource is not None
-        out.append(resource)
-    return out
-
-
 def since_filters(since: datetime | None) -> dict[str, str]:
     """The list filters for ``--since``: ``updated_date[gte]``, ISO 8601 in UTC."""
     if since is None:
@@ -294,39 +184,6 @@ def since_filters(since: datetime | None) -> dict[str, str]:
 def _filters_key(filters: Mapping[str, str]) -> str:
     return "&".join(f"{k}={v}" for k, v in sorted(filters.items()))
 
-
-async def list_all(client: TrackstarClient, path: str, filters: Mapping[str, str],
-                   page_size: int = MAX_PAGE_SIZE) -> list[dict[str, Any]]:
-    """Every object of one list endpoint (in memory; for reconcile and warehouse ids)."""
-    out: list[dict[str, Any]] = []
-    token: str | None = None
-    seen: set[str] = set()
-    while True:
-        page = await client.list_page(path, filters, token, page_size)
-        out.extend(page.data)
-        token = _next(page, seen, path)
-        if token is None:
-            return out
-
-
-def _next(page: Page, seen: set[str], path: str) -> str | None:
-    token = page.next_token
-    if token is not None:
-        if token in seen:
-            raise TrackstarError(200, f"{path}: the API returned page token {token!r} twice")
-        seen.add(token)
-    return token
-
-
-async def endpoints_of(client: TrackstarClient, resource: Resource,
-                       page_size: int = MAX_PAGE_SIZE) -> list[str]:
-    """The list paths of a resource: one, or one per warehouse for warehouse locations."""
-    if resource.name != LOCATIONS_RESOURCE:
-        return [LIST_PATHS[resource.name]]
-    warehouses = await list_all(client, LIST_PATHS["warehouse"], {}, page_size)
-    ids = sorted({str(w["id"]) for w in warehouses
-                  if isinstance(w.get("id"), str | int) and not isinstance(w.get("id"), bool)})
-    return [LOCATIONS_PATH.format(warehouse_id=i) for i in ids]
 
 
 class _Scope:
@@ -456,7 +313,7 @@ async def _walk(scope: _Scope, client: TrackstarClient, integration: str | None,
     try:
         while True:
             page = await fetch
-            next_token = _next(page, seen, scope.endpoint)
+            next_token = listing.next_token(page, seen, scope.endpoint)
             if next_token is not None:
                 fetch = asyncio.create_task(
                     client.list_page(scope.endpoint, scope.filters, next_token, page_size))
@@ -484,95 +341,6 @@ async def _walk(scope: _Scope, client: TrackstarClient, integration: str | None,
                 await fetch
 
 
-# ---------------------------------------------------------------------------------------------
-# Truncated deliveries
-# ---------------------------------------------------------------------------------------------
-FETCH_PREFIX = "fetch_"
-TRUNCATED_SQL = """
-SELECT e.event_id, e.connection_id, e.object_id, e.body
-FROM mirror.events e
-WHERE e.unusable_reason = 'data truncated'
-  AND ($1::text IS NULL OR e.connection_id = $1)
-  AND NOT EXISTS (SELECT 1 FROM mirror.events f WHERE f.event_id = 'fetch_' || e.event_id)
-ORDER BY e.position
-LIMIT $2
-"""
-
-
-@dataclass(frozen=True)
-class FetchResult:
-    """What fetch-truncated did with one truncated delivery."""
-
-    event_id: str
-    status: str          # fetched | duplicate | failed
-    message: str = ""
-
-
-def completed_event(stub: Mapping[str, Any], fetched: Any) -> dict[str, Any]:
-    """The full event for a truncated ``stub`` from what its ``data_url`` answered: either
-    the whole event, or just the object (then the stub's envelope is kept around it)."""
-    if isinstance(fetched, dict) and isinstance(fetched.get("data"), dict) \
-            and "event_type" in fetched:
-        if fetched.get("data_truncated") is True:
-            raise MirrorError("data_url answered a truncated event again")
-        full = dict(fetched)
-        for key in ("connection_id", "event_type"):
-            if key in full and key in stub and \
-                    normalise_kind(str(full[key])) != normalise_kind(str(stub[key])):
-                raise MirrorError(f"the fetched event's {key} differs from the delivery's")
-    elif isinstance(fetched, dict) and "id" in fetched:
-        full = {k: v for k, v in stub.items() if k != "data"}
-        full["data"] = fetched
-    else:
-        raise MirrorError("data_url answered neither an event nor an object")
-    # The delivery's envelope is what Svix signed: it names the event.
-    for key in ("connection_id", "event_type", "integration_name", "integration_type"):
-        if key in stub:
-            full[key] = stub[key]
-    if "previous_attributes" not in full and isinstance(stub.get("previous_attributes"), dict):
-        full["previous_attributes"] = stub["previous_attributes"]
-    full.pop("data_truncated", None)
-    full.pop("data_url", None)
-    return full
-
-
-async def fetch_truncated(conn: asyncpg.Connection, client: TrackstarClient, *,
-                          connection_id: str | None = None, limit: int = 1000,
-                          now: Callable[[], datetime] = lambda: datetime.now(UTC),
-                          ) -> list[FetchResult]:
-    """Complete truncated deliveries: fetch each one's ``data_url`` (with the API key only)
-    and append the full event as origin ``fetch``, event id ``fetch_`` + the delivery's id.
-
-    The stub itself stays in the log, unprojected; the completing event takes its place in
-    the object's history (appended after the stub, it wins a tie with it by log order).
-    """
-    rows = await conn.fetch(TRUNCATED_SQL, connection_id, limit)
-    results: list[FetchResult] = []
-    for row in rows:
-        event_id = row["event_id"]
-        try:
-            stub = envelope_mod.loads(bytes(row["body"]))
-            data_url = stub.get("data_url") if isinstance(stub, dict) else None
-            if not isinstance(data_url, str) or not data_url:
-                raise MirrorError("the delivery carries no data_url")
-            full = completed_event(stub, await client.fetch_event(data_url))
-            parsed = envelope_mod.parse(canonical_json(full))
-            if parsed.unusable_reason is not None:
-                raise MirrorError(f"the fetched event is not usable: {parsed.unusable_reason}")
-            if parsed.object_id != row["object_id"]:
-                raise MirrorError("the fetched event is about another object")
-            record = Record(FETCH_PREFIX + event_id, now(), None, "fetch", parsed)
-            new = await insert_records(conn, [record])
-            results.append(FetchResult(event_id, "fetched" if new else "duplicate"))
-        except AuthFailed:
-            raise  # the API key is refused: no other event can do better
-        except (MirrorError, ValueError, UnicodeDecodeError) as exc:
-            log.warning("truncated event not completed",
-                        extra={"event_id": event_id, "error": str(exc)[:300]})
-            results.append(FetchResult(event_id, "failed", str(exc)[:300]))
-    return results
-
-
 def render_results(results: Sequence[ResourceResult]) -> str:
     """The backfill summary printed at the end."""
     lines = []
@@ -586,3 +354,4 @@ def render_results(results: Sequence[ResourceResult]) -> str:
             detail = f"{r.status.upper()}: {r.message}"
         lines.append(f"{r.resource:<20} {detail}")
     return "\n".join(lines)
+
