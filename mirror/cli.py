@@ -20,20 +20,23 @@ from typing import Any
 from aiohttp import web
 
 from mirror import logs
-from mirror.db import connect, migrate
+from mirror.db import connect, connect_for_reading, migrate, replica_lag
 from mirror.errors import DatabaseUnavailable, MirrorError
-from mirror.settings import Settings, ensure_local_secrets, masked_url
+from mirror.settings import Settings, ensure_local_secrets, masked_url, primary_url
 
 DATA_DIR = Path(os.environ.get("MIRROR_DATA_DIR", ".data"))
 log = logging.getLogger("mirror.cli")
 
 
 def database_url(env: dict[str, str] | None = None) -> str:
-    """DATABASE_URL, or else the embedded server under ./.data/ (started if needed)."""
+    """DATABASE_URL, or else the embedded server under ./.data/ (started if needed).
+
+    A URL naming several hosts reaches only the primary among them (see ``primary_url``).
+    """
     env = dict(os.environ) if env is None else env
     url = env.get("DATABASE_URL", "").strip()
     if url:
-        return url
+        return primary_url(url)
     from mirror import embedded
 
     _server, url = embedded.start(DATA_DIR.resolve() / "pg")
@@ -172,6 +175,31 @@ def cmd_project(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_database_url() -> str | None:
+    """MIRROR_READ_DATABASE_URL: where `as-of`, `history` and the read API read."""
+    return os.environ.get("MIRROR_READ_DATABASE_URL", "").strip() or None
+
+
+async def _read_replica_status(url: str | None) -> dict[str, Any]:
+    if url is None:
+        return {"status": "not configured", "reads": "primary"}
+    try:
+        async with connect(url, read_only=True) as conn:
+            return {"status": "ok", **await replica_lag(conn), "reads": "replica"}
+    except DatabaseUnavailable as exc:
+        return {"status": "unreachable", "error": str(exc),
+                "reads": "primary (fallback while the replica is unreachable)"}
+
+
+def _render_replica(replica: dict[str, Any]) -> str:
+    if replica["status"] == "not configured":
+        return "read replica:         none (reads go to the primary)"
+    if replica["status"] == "unreachable":
+        return "read replica:         unreachable: reads fall back to the primary"
+    role = "standby" if replica["in_recovery"] else "not a standby"
+    return f"read replica:         {role}, replay lag {replica['lag_seconds']} s"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from mirror.status import gather
 
@@ -179,7 +207,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     async def run() -> dict[str, Any]:
         async with connect(url) as conn:
-            return await gather(conn)
+            report = await gather(conn)
+        report["read_replica"] = await _read_replica_status(read_database_url())
+        return report
 
     report = asyncio.run(run())
     if args.json:
@@ -188,6 +218,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         from mirror.status import render
 
         print(render(report))
+        print(_render_replica(report["read_replica"]))
     return 0
 
 
@@ -235,16 +266,24 @@ def _parse_time_arg(raw: str | None, name: str) -> datetime | None:
     return parsed
 
 
+def _reading() -> Any:
+    """A read-only connection: the read replica if set and reachable, else the primary."""
+
+    def warn(message: str) -> None:
+        print(f"mirror: {message}", file=sys.stderr)
+
+    return connect_for_reading(read_database_url(), database_url, warn=warn)
+
+
 def cmd_as_of(args: argparse.Namespace) -> int:
     from mirror.history import object_as_of
 
     at = _parse_time_arg(args.at, "--at")
     known_at = _parse_time_arg(args.known_at, "--known-at")
     assert at is not None
-    url = database_url()
 
     async def run() -> Any:
-        async with connect(url) as conn:
+        async with _reading() as conn:
             return await object_as_of(conn, args.resource, args.id, at, args.connection_id,
                                       known_at)
 
@@ -260,10 +299,8 @@ def cmd_as_of(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     from mirror.history import object_history
 
-    url = database_url()
-
     async def run() -> list[dict[str, Any]]:
-        async with connect(url) as conn:
+        async with _reading() as conn:
             return await object_history(conn, args.resource, args.id, args.connection_id)
 
     versions = asyncio.run(run())

@@ -10,6 +10,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from mirror.errors import ConfigError
 
@@ -62,6 +63,51 @@ def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default
     return raw
 
 
+# What a multi-host DATABASE_URL may ask for: the mirror writes, so only a primary will do.
+WRITABLE_SESSION_ATTRS = ("read-write", "primary")
+
+
+def url_hosts(url: str) -> list[str]:
+    """The ``host[:port]`` entries of a ``postgresql://`` URL, in the order given."""
+    if "://" not in url:
+        return []
+    netloc = urlsplit(url).netloc.rpartition("@")[2]
+    return [host for host in netloc.split(",") if host]
+
+
+def primary_url(url: str, variable: str = "DATABASE_URL") -> str:
+    """``url``, made to reach only a primary when it names several hosts.
+
+    With several hosts, the driver tries them in order on every (re)connect and keeps the
+    first that matches ``target_session_attrs``; that is how the mirror finds the new primary
+    after a failover. Unset, it means ``read-write`` here (libpq's default, ``any``, would
+    happily settle on a standby, where every write fails); ``read-only`` or ``standby`` is a
+    configuration error.
+    """
+    if len(url_hosts(url)) < 2:
+        return url
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    attrs = [value for key, value in query if key == "target_session_attrs"]
+    if not attrs:
+        query.append(("target_session_attrs", "read-write"))
+        return urlunsplit(parts._replace(query=urlencode(query)))
+    if attrs[-1] not in WRITABLE_SESSION_ATTRS:
+        raise ConfigError(f"{variable} names several hosts: target_session_attrs must be one of "
+                          f"{', '.join(WRITABLE_SESSION_ATTRS)} (the mirror writes), got "
+                          f"{attrs[-1]!r}")
+    return url
+
+
+def single_host_url(url: str, host: str) -> str:
+    """``url`` reaching only ``host`` (one of ``url_hosts(url)``), whatever its role."""
+    parts = urlsplit(url)
+    user, at, _hosts = parts.netloc.rpartition("@")
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+             if k != "target_session_attrs"]
+    return urlunsplit(parts._replace(netloc=f"{user}{at}{host}", query=urlencode(query)))
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service needs to run; see the README's variables table."""
@@ -85,6 +131,8 @@ class Settings:
     # Ingress processes sharing the port (SO_REUSEPORT); verification and parsing are CPU
     # work, so one per core.
     ingress_processes: int = 1
+    # A hot standby for the read API and `mirror as-of`/`history`; None: read the primary.
+    read_database_url: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, database_url: str | None = None,
@@ -94,6 +142,7 @@ class Settings:
         url = database_url or env.get("DATABASE_URL", "").strip()
         if not url:
             raise ConfigError("DATABASE_URL is not set (make up starts an embedded server)")
+        url = primary_url(url)
         raw_secret = env.get("MIRROR_WEBHOOK_SECRET")
         if raw_secret is None:
             if require_secrets:
@@ -120,6 +169,7 @@ class Settings:
             projector=_choice(env, "MIRROR_PROJECTOR", ("process", "inline"), "process"),
             ingress_processes=_int(env, "MIRROR_INGRESS_PROCESSES",
                                    min(os.cpu_count() or 1, 4), 1, 64),
+            read_database_url=env.get("MIRROR_READ_DATABASE_URL", "").strip() or None,
         )
 
 
