@@ -291,9 +291,12 @@ class Reader:
                 async with self._replica.acquire(timeout=self._timeout) as conn:
                     return await read(conn)
             except Exception as exc:
-                if is_unavailable(exc):
+                state = getattr(exc, "sqlstate", None)
+                # A write refused by the read-only session is a bug to surface, never a
+                # reason to run it on the primary.
+                if is_unavailable(exc) and state not in _UNAVAILABLE_STATES:
                     self._replica_failed(exc)
-                elif getattr(exc, "sqlstate", None) != _RECOVERY_CONFLICT:
+                elif state != _RECOVERY_CONFLICT:
                     raise
 
         async def on_primary() -> T:

@@ -67,12 +67,21 @@ def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default
 WRITABLE_SESSION_ATTRS = ("read-write", "primary")
 
 
+def _query_list(query: list[tuple[str, str]], key: str) -> list[str]:
+    values = [value for k, value in query if k == key]
+    return [item for item in values[-1].split(",") if item] if values else []
+
+
 def url_hosts(url: str) -> list[str]:
-    """The ``host[:port]`` entries of a ``postgresql://`` URL, in the order given."""
+    """The hosts of a ``postgresql://`` URL, in the order given: ``host[:port]`` entries of
+    the authority, or else the ``host`` query parameter's list (socket directories, say)."""
     if "://" not in url:
         return []
-    netloc = urlsplit(url).netloc.rpartition("@")[2]
-    return [host for host in netloc.split(",") if host]
+    parts = urlsplit(url)
+    hosts = [host for host in parts.netloc.rpartition("@")[2].split(",") if host]
+    if hosts:
+        return hosts
+    return _query_list(parse_qsl(parts.query, keep_blank_values=True), "host")
 
 
 def primary_url(url: str, variable: str = "DATABASE_URL") -> str:
@@ -90,8 +99,8 @@ def primary_url(url: str, variable: str = "DATABASE_URL") -> str:
     query = parse_qsl(parts.query, keep_blank_values=True)
     attrs = [value for key, value in query if key == "target_session_attrs"]
     if not attrs:
-        query.append(("target_session_attrs", "read-write"))
-        return urlunsplit(parts._replace(query=urlencode(query)))
+        extra = "target_session_attrs=read-write"
+        return urlunsplit(parts._replace(query=f"{parts.query}&{extra}" if parts.query else extra))
     if attrs[-1] not in WRITABLE_SESSION_ATTRS:
         raise ConfigError(f"{variable} names several hosts: target_session_attrs must be one of "
                           f"{', '.join(WRITABLE_SESSION_ATTRS)} (the mirror writes), got "
@@ -102,10 +111,19 @@ def primary_url(url: str, variable: str = "DATABASE_URL") -> str:
 def single_host_url(url: str, host: str) -> str:
     """``url`` reaching only ``host`` (one of ``url_hosts(url)``), whatever its role."""
     parts = urlsplit(url)
-    user, at, _hosts = parts.netloc.rpartition("@")
+    user, at, authority = parts.netloc.rpartition("@")
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
              if k != "target_session_attrs"]
-    return urlunsplit(parts._replace(netloc=f"{user}{at}{host}", query=urlencode(query)))
+    if authority:
+        return urlunsplit(parts._replace(netloc=f"{user}{at}{host}", query=urlencode(query)))
+    hosts = _query_list(query, "host")
+    ports = _query_list(query, "port")
+    index = hosts.index(host)
+    single = {"host": host}
+    if len(ports) == len(hosts):
+        single["port"] = ports[index]
+    query = [(k, single.get(k, v)) for k, v in query]
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 @dataclass(frozen=True)
