@@ -41,6 +41,8 @@ _RECOVERY_CONFLICT = "40001"
 # Reads go to the primary for this long after the read replica failed, then it is tried again.
 REPLICA_RETRY_SECONDS = 5.0
 READ_APPLICATION_NAME = "mirror-read"
+_READ_ONLY_SESSION_SQL = ("SET default_transaction_read_only = on; "
+                          "SET application_name = 'mirror-read'")
 
 
 def is_unavailable(exc: BaseException) -> bool:
@@ -157,10 +159,12 @@ async def migrate(conn: asyncpg.Connection) -> None:
 
 
 async def _open(url: str, timeout: float, read_only: bool) -> asyncpg.Connection:
-    server_settings = _read_only_settings() if read_only else None
-    conn = await guarded(lambda: asyncpg.connect(url, timeout=timeout,
-                                                 server_settings=server_settings))
+    conn = await guarded(lambda: asyncpg.connect(url, timeout=timeout))
     await init_connection(conn)
+    if read_only:
+        # Set after connecting, not at startup: a URL asking for target_session_attrs=
+        # read-write (the primary, as a fallback) would otherwise refuse every host.
+        await conn.execute(_READ_ONLY_SESSION_SQL)
     return conn
 
 
