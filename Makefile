@@ -24,8 +24,12 @@ up: $(STAMP) ## run the mirror: embedded PostgreSQL unless DATABASE_URL is set
 test: $(STAMP) ## run the test suite against a real PostgreSQL (DATABASE_URL or embedded)
 	$(BIN)/python -m pytest -m "not slow"
 
-test-slow: $(STAMP) ## run the long tests (crash, outage, flood)
-	$(BIN)/python -m pytest -m slow
+PG_BIN ?= /usr/lib/postgresql/15/bin
+
+test-slow: $(STAMP) ## run the long tests (crash, outage, flood, failover)
+	@test -x $(PG_BIN)/initdb || { echo "installing PostgreSQL 15 for the failover rig"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15; }
+	MIRROR_PG_BIN=$(PG_BIN) $(BIN)/python -m pytest -m slow
 
 lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check mirror projections tests $(wildcard bench)

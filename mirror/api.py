@@ -1,4 +1,7 @@
-"""The read API: GET /objects/{resource}/{id}[/history], bearer-token protected."""
+"""The read API: GET /objects/{resource}/{id}[/history], bearer-token protected.
+
+Reads go to the read replica (MIRROR_READ_DATABASE_URL) when one answers, else the primary.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +9,13 @@ import hmac
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 
 from mirror import history
-from mirror.db import guarded
 from mirror.errors import AmbiguousObject, BadRequest, DatabaseUnavailable
 from mirror.ingress import expect_handler, json_answer, reason
-from mirror.keys import POOL, SETTINGS
+from mirror.keys import READER, SETTINGS
 from projections import registry
 from projections.base import parse_time
 
@@ -64,11 +67,6 @@ def _connection(request: web.Request) -> str | None:
     return _text_parameter(raw, "connection_id") if raw else None
 
 
-def _acquire(request: web.Request) -> Any:
-    """A pooled connection, waiting no longer than the database timeout for one."""
-    return request.app[POOL].acquire(timeout=request.app[SETTINGS].db_timeout)
-
-
 async def get_object(request: web.Request) -> web.Response:
     """The object's state at ``at`` (default: now, i.e. its current state)."""
     if not _authorised(request):
@@ -79,12 +77,11 @@ async def get_object(request: web.Request) -> web.Response:
         known_at = _time(request, "known_at")
         connection_id = _connection(request)
 
-        async def read() -> tuple[str | None, Any]:
-            async with _acquire(request) as conn:
-                return await history.object_as_of(conn, resource, object_id, at or _FAR_FUTURE,
-                                                  connection_id, known_at)
+        async def read(conn: asyncpg.Connection) -> tuple[str | None, Any]:
+            return await history.object_as_of(conn, resource, object_id, at or _FAR_FUTURE,
+                                              connection_id, known_at)
 
-        found_connection, data = await guarded(read)
+        found_connection, data = await request.app[READER].run(read)
     except (BadRequest, AmbiguousObject) as exc:
         return reason(400, str(exc))
     except DatabaseUnavailable:
@@ -107,11 +104,10 @@ async def get_history(request: web.Request) -> web.Response:
         resource, object_id = _target(request)
         connection_id = _connection(request)
 
-        async def read() -> list[dict[str, Any]]:
-            async with _acquire(request) as conn:
-                return await history.object_history(conn, resource, object_id, connection_id)
+        async def read(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+            return await history.object_history(conn, resource, object_id, connection_id)
 
-        versions = await guarded(read)
+        versions = await request.app[READER].run(read)
     except (BadRequest, AmbiguousObject) as exc:
         return reason(400, str(exc))
     except DatabaseUnavailable:

@@ -9,8 +9,17 @@ from typing import Any
 from aiohttp import web
 
 from mirror import api, ingress
-from mirror.db import create_pool
-from mirror.keys import APPENDER, COMPLETION, METRICS, POOL, PROJECTOR, SETTINGS, VERIFIER
+from mirror.db import Reader, create_pool
+from mirror.keys import (
+    APPENDER,
+    COMPLETION,
+    METRICS,
+    POOL,
+    PROJECTOR,
+    READER,
+    SETTINGS,
+    VERIFIER,
+)
 from mirror.log import Appender
 from mirror.metrics import Metrics
 from mirror.projector import Projector
@@ -51,7 +60,8 @@ def create_app(settings: Settings, *, project: bool = True,
                complete: bool = True) -> web.Application:
     """The service: webhook ingress, read API, operations endpoints and (optionally) the
     projection workers and, when a Trackstar API key is set, the completion of truncated
-    deliveries, all sharing one pool."""
+    deliveries, all sharing one pool (the read API reads from the read replica's pool when
+    one is configured)."""
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, ingress.MalformedRequestFilter) for f in server_log.filters):
         server_log.addFilter(ingress.MalformedRequestFilter())
@@ -63,6 +73,11 @@ def create_app(settings: Settings, *, project: bool = True,
     async def database(app: web.Application) -> AsyncIterator[None]:
         pool = await create_pool(settings.database_url, max_size=10, timeout=settings.db_timeout)
         app[POOL] = pool
+        replica = None
+        if settings.read_database_url:
+            replica = await create_pool(settings.read_database_url, max_size=10,
+                                        timeout=settings.db_timeout, read_only=True)
+        app[READER] = Reader(pool, replica, timeout=settings.db_timeout)
         # A commit that takes longer than db_timeout is answered 503 (Svix retries; if it did
         # commit, the retry is a harmless duplicate), well within Svix's 15 s.
         app[APPENDER] = Appender(pool, timeout=settings.db_timeout)
@@ -90,6 +105,7 @@ def create_app(settings: Settings, *, project: bool = True,
         await app[APPENDER].close()
         if projector is not None:
             await projector.stop()
+        await app[READER].close()
         await pool.close()
 
     app.cleanup_ctx.append(database)

@@ -20,20 +20,23 @@ from typing import Any
 from aiohttp import web
 
 from mirror import logs
-from mirror.db import connect, migrate
+from mirror.db import connect, connect_for_reading, migrate, replica_lag
 from mirror.errors import DatabaseUnavailable, MirrorError
-from mirror.settings import Settings, ensure_local_secrets, masked_url
+from mirror.settings import Settings, ensure_local_secrets, masked_url, primary_url
 
 DATA_DIR = Path(os.environ.get("MIRROR_DATA_DIR", ".data"))
 log = logging.getLogger("mirror.cli")
 
 
 def database_url(env: dict[str, str] | None = None) -> str:
-    """DATABASE_URL, or else the embedded server under ./.data/ (started if needed)."""
+    """DATABASE_URL, or else the embedded server under ./.data/ (started if needed).
+
+    A URL naming several hosts reaches only the primary among them (see ``primary_url``).
+    """
     env = dict(os.environ) if env is None else env
     url = env.get("DATABASE_URL", "").strip()
     if url:
-        return url
+        return primary_url(url)
     from mirror import embedded
 
     _server, url = embedded.start(DATA_DIR.resolve() / "pg")
@@ -174,6 +177,31 @@ def cmd_project(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_database_url() -> str | None:
+    """MIRROR_READ_DATABASE_URL: where `as-of`, `history` and the read API read."""
+    return os.environ.get("MIRROR_READ_DATABASE_URL", "").strip() or None
+
+
+async def _read_replica_status(url: str | None) -> dict[str, Any]:
+    if url is None:
+        return {"status": "not configured", "reads": "primary"}
+    try:
+        async with connect(url, read_only=True) as conn:
+            return {"status": "ok", **await replica_lag(conn), "reads": "replica"}
+    except DatabaseUnavailable as exc:
+        return {"status": "unreachable", "error": str(exc),
+                "reads": "primary (fallback while the replica is unreachable)"}
+
+
+def _render_replica(replica: dict[str, Any]) -> str:
+    if replica["status"] == "not configured":
+        return "read replica:         none (reads go to the primary)"
+    if replica["status"] == "unreachable":
+        return "read replica:         unreachable: reads fall back to the primary"
+    role = "standby" if replica["in_recovery"] else "not a standby"
+    return f"read replica:         {role}, replay lag {replica['lag_seconds']} s"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from mirror.status import gather
     from mirror.trackstar import completion
@@ -185,7 +213,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             report = await gather(conn)
             report["truncated_deliveries"] = await completion.counts(conn)
             report["truncated_failures"] = await completion.failures(conn)
-            return report
+        report["read_replica"] = await _read_replica_status(read_database_url())
+        return report
 
     report = asyncio.run(run())
     if args.json:
@@ -196,6 +225,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(render(report))
         print("\n".join(completion.render_counts(report["truncated_deliveries"],
                                                  report["truncated_failures"])))
+        print(_render_replica(report["read_replica"]))
     return 0
 
 
@@ -243,16 +273,24 @@ def _parse_time_arg(raw: str | None, name: str) -> datetime | None:
     return parsed
 
 
+def _reading() -> Any:
+    """A read-only connection: the read replica if set and reachable, else the primary."""
+
+    def warn(message: str) -> None:
+        print(f"mirror: {message}", file=sys.stderr)
+
+    return connect_for_reading(read_database_url(), database_url, warn=warn)
+
+
 def cmd_as_of(args: argparse.Namespace) -> int:
     from mirror.history import object_as_of
 
     at = _parse_time_arg(args.at, "--at")
     known_at = _parse_time_arg(args.known_at, "--known-at")
     assert at is not None
-    url = database_url()
 
     async def run() -> Any:
-        async with connect(url) as conn:
+        async with _reading() as conn:
             return await object_as_of(conn, args.resource, args.id, at, args.connection_id,
                                       known_at)
 
@@ -268,10 +306,8 @@ def cmd_as_of(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     from mirror.history import object_history
 
-    url = database_url()
-
     async def run() -> list[dict[str, Any]]:
-        async with connect(url) as conn:
+        async with _reading() as conn:
             return await object_history(conn, args.resource, args.id, args.connection_id)
 
     versions = asyncio.run(run())

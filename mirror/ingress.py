@@ -16,8 +16,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mirror import envelope
+from mirror.db import explain, probe_hosts
 from mirror.errors import DatabaseUnavailable, VerificationFailed
-from mirror.keys import APPENDER, METRICS, POOL, SETTINGS, VERIFIER
+from mirror.keys import APPENDER, METRICS, POOL, READER, SETTINGS, VERIFIER
 from mirror.log import Record
 from mirror.progress import live_workers, projection_lag, refresh_gauges
 from mirror.trackstar import completion
@@ -200,7 +201,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """GET /readyz: the database answers and the projection workers run; includes lag."""
+    """GET /readyz: the database answers and the projection workers run; includes lag.
+
+    When the primary cannot be reached it says why, host by host (during a failover: the old
+    primary unreachable, the standby not yet promoted). The read replica's state and replay
+    lag are shown but do not decide readiness: while it is unreachable, reads fall back to
+    the primary.
+    """
     app = request.app
     body: dict[str, object] = {}
     try:
@@ -211,11 +218,21 @@ async def readyz(request: web.Request) -> web.Response:
                 live = await live_workers(conn)
                 body["lag"] = await projection_lag(conn)
     except Exception as exc:
-        body.update(status="not ready", database="unreachable", error=type(exc).__name__)
-        return json_answer(body, status=503)
+        hosts = await probe_hosts(app[SETTINGS].database_url)
+        body.update(status="not ready", database="unreachable", error=type(exc).__name__,
+                    reason=explain(hosts), hosts=hosts)
+        await _add_read_replica(app, body)
+        return json_answer(body, status=503, headers={"Retry-After": "5"})
     body.update(status="ready" if live else "not ready", database="ok",
                 workers=live)
+    await _add_read_replica(app, body)
     return json_answer(body, status=200 if live else 503)
+
+
+async def _add_read_replica(app: web.Application, body: dict[str, object]) -> None:
+    replica = await app[READER].replica_status()
+    body["read_replica"] = replica if replica is not None else {
+        "status": "not configured", "reads": "primary"}
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

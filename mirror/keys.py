@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 from aiohttp import web
 
+from mirror.db import Reader
 from mirror.log import Appender
 from mirror.metrics import Metrics
 from mirror.settings import Settings
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 
 SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
+READER = web.AppKey("reader", Reader)
 APPENDER = web.AppKey("appender", Appender)
 VERIFIER = web.AppKey("verifier", Verifier)
 METRICS = web.AppKey("metrics", Metrics)

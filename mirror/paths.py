@@ -44,9 +44,9 @@ __all__ = [
     "Reverted",
     "changes",
     "diff",
-    "same_json",
     "resolve",
     "revert",
+    "same_json",
     "to_pointer",
 ]
 

@@ -10,7 +10,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from mirror.errors import ConfigError
 
@@ -80,6 +80,69 @@ def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default
     return raw
 
 
+# What a multi-host DATABASE_URL may ask for: the mirror writes, so only a primary will do.
+WRITABLE_SESSION_ATTRS = ("read-write", "primary")
+
+
+def _query_list(query: list[tuple[str, str]], key: str) -> list[str]:
+    values = [value for k, value in query if k == key]
+    return [item for item in values[-1].split(",") if item] if values else []
+
+
+def url_hosts(url: str) -> list[str]:
+    """The hosts of a ``postgresql://`` URL, in the order given: ``host[:port]`` entries of
+    the authority, or else the ``host`` query parameter's list (socket directories, say)."""
+    if "://" not in url:
+        return []
+    parts = urlsplit(url)
+    hosts = [host for host in parts.netloc.rpartition("@")[2].split(",") if host]
+    if hosts:
+        return hosts
+    return _query_list(parse_qsl(parts.query, keep_blank_values=True), "host")
+
+
+def primary_url(url: str, variable: str = "DATABASE_URL") -> str:
+    """``url``, made to reach only a primary when it names several hosts.
+
+    With several hosts, the driver tries them in order on every (re)connect and keeps the
+    first that matches ``target_session_attrs``; that is how the mirror finds the new primary
+    after a failover. Unset, it means ``read-write`` here (libpq's default, ``any``, would
+    happily settle on a standby, where every write fails); ``read-only`` or ``standby`` is a
+    configuration error.
+    """
+    if len(url_hosts(url)) < 2:
+        return url
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    attrs = [value for key, value in query if key == "target_session_attrs"]
+    if not attrs:
+        extra = "target_session_attrs=read-write"
+        return urlunsplit(parts._replace(query=f"{parts.query}&{extra}" if parts.query else extra))
+    if attrs[-1] not in WRITABLE_SESSION_ATTRS:
+        raise ConfigError(f"{variable} names several hosts: target_session_attrs must be one of "
+                          f"{', '.join(WRITABLE_SESSION_ATTRS)} (the mirror writes), got "
+                          f"{attrs[-1]!r}")
+    return url
+
+
+def single_host_url(url: str, host: str) -> str:
+    """``url`` reaching only ``host`` (one of ``url_hosts(url)``), whatever its role."""
+    parts = urlsplit(url)
+    user, at, authority = parts.netloc.rpartition("@")
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+             if k != "target_session_attrs"]
+    if authority:
+        return urlunsplit(parts._replace(netloc=f"{user}{at}{host}", query=urlencode(query)))
+    hosts = _query_list(query, "host")
+    ports = _query_list(query, "port")
+    index = hosts.index(host)
+    single = {"host": host}
+    if len(ports) == len(hosts):
+        single["port"] = ports[index]
+    query = [(k, single.get(k, v)) for k, v in query]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service needs to run; see the README's variables table."""
@@ -107,6 +170,8 @@ class Settings:
     # (mirror.trackstar.completion). The key is sent to trackstar_base_url's host only.
     trackstar_api_key: str = field(default="", repr=False)
     trackstar_base_url: str = DEFAULT_TRACKSTAR_BASE_URL
+    # A hot standby for the read API and `mirror as-of`/`history`; None: read the primary.
+    read_database_url: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, database_url: str | None = None,
@@ -116,6 +181,7 @@ class Settings:
         url = database_url or env.get("DATABASE_URL", "").strip()
         if not url:
             raise ConfigError("DATABASE_URL is not set (make up starts an embedded server)")
+        url = primary_url(url)
         raw_secret = env.get("MIRROR_WEBHOOK_SECRET")
         if raw_secret is None:
             if require_secrets:
@@ -144,6 +210,7 @@ class Settings:
                                    min(os.cpu_count() or 1, 4), 1, 64),
             trackstar_api_key=(env.get("MIRROR_TRACKSTAR_API_KEY") or "").strip(),
             trackstar_base_url=trackstar_base_url(env),
+            read_database_url=env.get("MIRROR_READ_DATABASE_URL", "").strip() or None,
         )
 
 
