@@ -9,6 +9,8 @@
 
 const TOKEN_KEY = "mirror.apiToken";
 const REFRESH_MS = 5000;
+const FIRST_SLICE = 60;     // timeline entries built before the page is shown
+const RENDER_SLICE = 250;   // then this many per task until the page holds them all
 const state = { resources: null, object: null, refresh: null, overviewCards: {} };
 
 class AuthError extends Error {}
@@ -223,13 +225,22 @@ async function showObject(params) {
   const key = JSON.stringify([resource, id, connection]);
   if (!state.object || state.object.key !== key) {
     view().replaceChildren(el("p", { class: "hint", text: "Loading…" }));
+    // The timeline and the state are asked for together: one round trip of waiting.
+    const stateAnswer = fetchState(resource, id, connection, at, knownAt);
+    stateAnswer.catch(() => {});
     const page = await api("/explore/timeline", { resource, id, connection_id: connection });
     state.object = { key, resource, id, connection: page.connection_id, page,
       versions: page.versions.slice(), anomalies: page.anomalies, more: page.more,
       nextBefore: page.next_before };
     renderObject();
+    await showState(at, knownAt, stateAnswer);
+    return;
   }
   await showState(at, knownAt);
+}
+
+function fetchState(resource, id, connection, at, knownAt) {
+  return api("/explore/state", { resource, id, connection_id: connection, at, known_at: knownAt });
 }
 
 function renderObject() {
@@ -282,15 +293,34 @@ function appendTimeline(versions, anomalies, more) {
   let k = 0;
   for (const v of versions) {
     while (k < pending.length && Date.parse(pending[k][0].at) >= Date.parse(v.valid_from)) {
-      items.push(anomalyItem(pending[k][0])); shown.add(pending[k][1]); k += 1;
+      const a = pending[k][0];
+      items.push(() => anomalyItem(a)); shown.add(pending[k][1]); k += 1;
     }
-    items.push(versionItem(v));
+    items.push(() => versionItem(v));
   }
-  while (k < pending.length) { items.push(anomalyItem(pending[k][0])); shown.add(pending[k][1]); k += 1; }
-  list.append(...items);
-  const moreBox = document.getElementById("more");
-  moreBox.replaceChildren(more ? el("button", { type: "button", id: "load-older", onclick: loadOlder,
-    text: `Load older versions (${o.page.total - o.versions.length} more)` }) : null);
+  for (; k < pending.length; k += 1) {
+    const a = pending[k][0];
+    items.push(() => anomalyItem(a)); shown.add(pending[k][1]);
+  }
+  // What fills the screen is built at once; the rest of a long history follows in slices
+  // between frames, so the page answers at once whatever the number of versions.
+  const render = (from, count) => list.append(...items.slice(from, from + count).map((make) => make()));
+  // Older pages may only be asked for once this one is all on the page.
+  const finish = () => {
+    o.rendering = null;
+    document.getElementById("more").replaceChildren(more ? el("button", { type: "button",
+      id: "load-older", onclick: loadOlder,
+      text: `Load older versions (${o.page.total - o.versions.length} more)` }) : null);
+  };
+  const slice = (from) => {
+    if (o !== state.object) return;
+    if (from >= items.length) { finish(); markCurrent(); return; }
+    render(from, RENDER_SLICE);
+    o.rendering = setTimeout(() => slice(from + RENDER_SLICE), 0);
+  };
+  render(0, FIRST_SLICE);
+  if (items.length > FIRST_SLICE) o.rendering = setTimeout(() => slice(FIRST_SLICE), 0);
+  else finish();
 }
 
 async function loadOlder() {
@@ -354,7 +384,7 @@ function step(direction) {
   go(times[index], parseHash().params.get("known_at") || "");
 }
 
-async function showState(at, knownAt) {
+async function showState(at, knownAt, pending) {
   const o = state.object;
   document.getElementById("as-of").value = at;
   document.getElementById("known-at").value = knownAt;
@@ -363,12 +393,11 @@ async function showState(at, knownAt) {
   const when = `${at ? "at " + fmtTime(at) : "latest"}${knownAt ? ", as known at " + fmtTime(knownAt) : ""}`;
   markCurrent();
   try {
-    const answer = await api("/explore/state", { resource: o.resource, id: o.id,
-      connection_id: o.connection, at, known_at: knownAt });
+    const answer = await (pending || fetchState(o.resource, o.id, o.connection, at, knownAt));
     const data = answer.data;
-    summary.replaceChildren(`State ${when}`,
-      data && typeof data === "object" && "status" in data
-        ? [": status ", el("strong", { id: "state-status", text: String(data.status) })] : "");
+    const status = data && typeof data === "object" && "status" in data
+      ? [": status ", el("strong", { id: "state-status", text: String(data.status) })] : [];
+    summary.replaceChildren(`State ${when}`, ...status);
     pre.textContent = JSON.stringify(data, null, 2);
   } catch (err) {
     if (err instanceof AuthError) return;
@@ -460,7 +489,7 @@ async function refreshOverview() {
           el("td", {}, el("code", { text: b.endpoint + (b.filters ? "?" + b.filters : "") })),
           el("td", { text: `${b.objects}${b.total_count !== null ? " / " + b.total_count : ""} (${b.appended} new, ${plural(b.pages, "page")})` }),
           el("td", {}, b.total_count ? el("progress", { max: b.total_count, value: Math.min(b.objects, b.total_count), "aria-label": `${b.endpoint} progress` }) : ""),
-          el("td", { text: b.finished_at ? `done ${fmtTime(b.finished_at)}` : `in progress (${fmtTime(b.updated_at)})` })))))))
+          el("td", { text: b.finished_at ? `done ${fmtTime(b.finished_at)}` : `in progress (${fmtTime(b.updated_at)})` }))))))
         : el("p", { class: "hint", text: "No backfill has run." })],
   };
   // A card is rebuilt only when its figures changed, so focus and scroll survive a refresh.

@@ -121,7 +121,7 @@ async def test_search_by_id_prefix_order_number_and_sku(client: Client, db_url: 
     assert await found(q="widget-r") == [("inventory", "inv_9")]
     assert await found(q="widget", resource="order") == []
     assert await found(q="nothing-like-it") == []
-    status, body = await _get(client, "/explore/search", q="ord_1234")
+    _, body = await _get(client, "/explore/search", q="ord_1234")
     assert body["results"][0]["label"] == "#1234" and body["results"][0]["status"] == "shipped"
 
 
