@@ -101,6 +101,8 @@ async def search(conn: asyncpg.Connection, text: str, resource: str | None = Non
     return found[:limit]
 
 
+# One page of versions, each with its field changes: the rows of mirror.changes at its instant
+# (one jsonb array per version, so 1,000 versions decode as 1,000 values, not one per field).
 _PAGE_SQL = """
 WITH h AS (
     SELECT valid_from, valid_to, data IS NULL AS deleted, event_id, event_type, derived
@@ -110,20 +112,23 @@ WITH h AS (
     WHERE $4::timestamptz IS NULL OR h.valid_from < $4
     ORDER BY h.valid_from DESC
     LIMIT $5
+), changed AS (
+    SELECT c.changed_at,
+           jsonb_agg(jsonb_build_object('path', c.path, 'old', c.old_value, 'new', c.new_value)
+                     ORDER BY c.path) AS changes
+    FROM mirror.changes c
+    WHERE c.resource = $1 AND c.connection_id = $3 AND c.id = $2
+      AND c.changed_at >= (SELECT min(valid_from) FROM page)
+      AND c.changed_at <= (SELECT max(valid_from) FROM page)
+    GROUP BY c.changed_at
 )
 SELECT p.valid_from, p.valid_to, p.deleted, p.event_id, p.event_type, p.derived,
-       e.received_at, (SELECT count(*) FROM h) AS total
+       e.received_at, coalesce(ch.changes, '[]'::jsonb) AS changes,
+       (SELECT count(*) FROM h) AS total
 FROM page p
 LEFT JOIN mirror.events e ON e.event_id = p.event_id
+LEFT JOIN changed ch ON ch.changed_at = p.valid_from
 ORDER BY p.valid_from DESC
-"""
-# A version's field changes are the rows of mirror.changes at its instant.
-_CHANGES_SQL = """
-SELECT c.changed_at, c.path, c.old_value, c.new_value
-FROM mirror.changes c
-WHERE c.resource = $1 AND c.connection_id = $2 AND c.id = $3
-  AND c.changed_at >= $4 AND c.changed_at <= $5
-ORDER BY c.changed_at, c.path
 """
 _ANOMALIES_SQL = """
 SELECT a.kind, a.at, a.event_id, a.paths, a.detail, a.detected_at, a.resolved_at
@@ -154,11 +159,6 @@ async def timeline(conn: asyncpg.Connection, resource: str, object_id: str,
     total = rows[0]["total"]
     more = len(rows) > limit
     rows = rows[:limit]
-    changes: dict[datetime, list[dict[str, Any]]] = {}
-    for change in await conn.fetch(_CHANGES_SQL, resource, found_connection, object_id,
-                                   rows[-1]["valid_from"], rows[0]["valid_from"]):
-        changes.setdefault(change["changed_at"], []).append(
-            {"path": change["path"], "old": change["old_value"], "new": change["new_value"]})
     anomalies = await conn.fetch(_ANOMALIES_SQL, resource, found_connection, object_id,
                                  PAGE_MAX)
     return {
@@ -169,7 +169,7 @@ async def timeline(conn: asyncpg.Connection, resource: str, object_id: str,
             "valid_from": r["valid_from"].isoformat(), "valid_to": _iso(r["valid_to"]),
             "deleted": r["deleted"], "derived": r["derived"], "event_id": r["event_id"],
             "event_type": r["event_type"], "received_at": _iso(r["received_at"]),
-            "changes": changes.get(r["valid_from"], []),
+            "changes": r["changes"],
         } for r in rows],
         "anomalies": [_anomaly(a) for a in anomalies],
     }

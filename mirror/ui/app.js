@@ -28,7 +28,7 @@ function el(tag, attrs, ...children) {
     else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
     else node.setAttribute(key, value === true ? "" : String(value));
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined || child === false) continue;
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -208,8 +208,8 @@ async function showFind(params) {
     el("h2", { text: answer.results.length ? plural(answer.results.length, "match") : "No match" }),
     answer.results.length ? el("div", { class: "scroll" }, el("table", { class: "results" },
       el("thead", {}, el("tr", {}, ["Object", "Number / SKU", "Status", "Connection", "Updated"].map((h) => el("th", { scope: "col", text: h })))),
-      el("tbody", {}, rows))) : null,
-    direct);
+      el("tbody", {}, rows))) : "",
+    direct || "");
   const first = results.querySelector("a");
   if (first) first.focus();
 }
@@ -310,7 +310,7 @@ function appendTimeline(versions, anomalies, more) {
     o.rendering = null;
     document.getElementById("more").replaceChildren(more ? el("button", { type: "button",
       id: "load-older", onclick: loadOlder,
-      text: `Load older versions (${o.page.total - o.versions.length} more)` }) : null);
+      text: `Load older versions (${o.page.total - o.versions.length} more)` }) : "");
   };
   const slice = (from) => {
     if (o !== state.object) return;

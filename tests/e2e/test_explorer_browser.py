@@ -155,7 +155,10 @@ async def test_explorer_finds_an_order_shows_its_timeline_and_travels_in_time(
     await expect(versions.nth(0).locator(".diff li", has_text="status")).to_contain_text(
         '"picked" → "shipped"')
     await expect(versions.nth(0)).to_contain_text("order.updated")
-    await expect(page.locator("#versions li.anomaly[data-kind='missed_webhook']")).to_have_count(1)
+    missed = page.locator("#versions li.anomaly[data-kind='missed_webhook']")
+    await expect(missed).to_have_count(1)
+    await expect(missed).to_contain_text("paths: status, updated_date")
+    await expect(page.locator("#more")).to_have_text("")  # one page: nothing more to load
     await expect(page.locator("#state-status")).to_have_text("shipped")
 
     # As of 10:06 the order was picked; known at a time before the update arrived, the
