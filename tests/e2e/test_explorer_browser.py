@@ -304,7 +304,7 @@ async def test_an_object_with_a_thousand_versions_renders_within_300_ms(
     await page.screenshot(path=ARTIFACTS / "thousand-versions.png")
 
 
-async def test_the_page_is_only_reachable_with_its_own_assets(
+async def test_the_page_loads_without_errors_while_the_api_wants_the_token(
         start_service: Callable[..., Service], page: Page) -> None:
     service = start_service()
     with pytest.raises(urllib.error.HTTPError) as refused:
