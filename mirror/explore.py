@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 
 from mirror import history
+from mirror.errors import AmbiguousObject
 from mirror.projector import projection_lag
 from projections import registry
 from projections.base import Resource
@@ -63,9 +64,9 @@ LIMIT $2
 """
 
 
-# Objects no longer in their current-state relation (deleted) are still found by exact id.
+# An id in several connections: each of them, from the log.
 _SEARCH_LOG_SQL = """
-SELECT DISTINCT e.connection_id, e.object_id AS id
+SELECT DISTINCT e.connection_id
 FROM mirror.events e
 WHERE e.resource = $1 AND e.object_id = $2 AND e.connection_id IS NOT NULL
 LIMIT $3
@@ -88,14 +89,22 @@ async def search(conn: asyncpg.Connection, text: str, resource: str | None = Non
                 "id": row["id"], "label": row["label"], "status": row["status"],
                 "updated_date": _iso(row["updated_date"]), "current": True,
             })
-        for row in await conn.fetch(_SEARCH_LOG_SQL, statement.resource, text, limit):
-            key = (statement.resource, row["connection_id"], row["id"])
-            if key not in seen:
-                seen.add(key)
-                found.append({"resource": statement.resource,
-                              "connection_id": row["connection_id"], "id": row["id"],
-                              "label": None, "status": None, "updated_date": None,
-                              "current": False})
+        if any(k[0] == statement.resource and k[2] == text for k in seen):
+            continue
+        # Objects no longer in their current-state relation (deleted) are still found by
+        # their exact id, through the history (one index probe).
+        try:
+            connection, _ = await history.object_as_of(conn, statement.resource, text,
+                                                       _FAR_FUTURE)
+            connections = [connection] if connection is not None else []
+        except AmbiguousObject:
+            connections = [r["connection_id"] for r in
+                           await conn.fetch(_SEARCH_LOG_SQL, statement.resource, text, limit)]
+        for connection in connections:
+            seen.add((statement.resource, connection, text))
+            found.append({"resource": statement.resource, "connection_id": connection,
+                          "id": text, "label": None, "status": None, "updated_date": None,
+                          "current": False})
     # Exact ids first, then the rest in the order found; at most ``limit`` in all.
     found.sort(key=lambda r: r["id"] != text)
     return found[:limit]

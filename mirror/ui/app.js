@@ -549,6 +549,11 @@ document.addEventListener("keydown", (event) => {
 });
 document.addEventListener("DOMContentLoaded", () => {
   document.getElementById("login-form").addEventListener("submit", login);
+  // The skip link moves focus; it must not change the hash, which holds the route.
+  document.querySelector(".skip").addEventListener("click", (event) => {
+    event.preventDefault();
+    view().focus();
+  });
   document.getElementById("forget").addEventListener("click", () => {
     sessionStorage.removeItem(TOKEN_KEY);
     state.resources = null;

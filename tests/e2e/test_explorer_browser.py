@@ -315,4 +315,12 @@ async def test_the_page_loads_without_errors_while_the_api_wants_the_token(
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     await log_in(page, service)
     await expect(page.get_by_label("Id, order number or SKU")).to_be_focused()
+    # From the keyboard: the skip link moves focus to the content and leaves the route alone.
+    await page.goto(f"{service.url}/ui/#/overview")
+    await expect(page.locator("#log-events")).to_have_text("0")
+    await page.keyboard.press("Tab")
+    await expect(page.get_by_role("link", name="Skip to content")).to_be_focused()
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#view")).to_be_focused()
+    assert page.url.endswith("#/overview")
     assert errors == []
