@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mirror import api, ingress
+from mirror import api, ingress, ui
 from mirror.db import Reader, create_pool
 from mirror.keys import (
     APPENDER,
@@ -116,4 +116,5 @@ def create_app(settings: Settings, *, project: bool = True,
     app.router.add_get("/readyz", ingress.readyz, expect_handler=expect)
     app.router.add_get("/metrics", ingress.metrics_endpoint, expect_handler=expect)
     api.add_routes(app)
+    ui.add_routes(app)
     return app
