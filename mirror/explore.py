@@ -18,7 +18,7 @@ import asyncpg
 
 from mirror import history
 from mirror.errors import AmbiguousObject
-from mirror.projector import projection_lag
+from mirror.progress import projection_lag
 from projections import registry
 from projections.base import Resource
 
