@@ -88,6 +88,8 @@ CREATE OR REPLACE TRIGGER events_notify
 
 -- ---------------------------------------------------------------------------------------------
 -- Projection bookkeeping (mirror/projector.py, mirror/store.py).
+-- Key columns are COLLATE "C": ids are opaque, so byte order is the right order, and B-tree
+-- inserts then compare with memcmp instead of the locale's collation.
 -- ---------------------------------------------------------------------------------------------
 -- The engine generation these relations were built by. `mirror migrate` compares it with the
 -- code's (mirror/db.py ENGINE): on a change it drops the projections and re-partitions the log,
@@ -127,9 +129,9 @@ JOIN mirror.events e
 -- first_received: the earliest instant of any received event (a derived version after it is a
 -- missed webhook). Written when an object appears or either value moves earlier.
 CREATE TABLE IF NOT EXISTS mirror.objects (
-    connection_id  text NOT NULL,
-    resource       text NOT NULL,
-    object_id      text NOT NULL,
+    connection_id  text COLLATE "C" NOT NULL,
+    resource       text COLLATE "C" NOT NULL,
+    object_id      text COLLATE "C" NOT NULL,
     known_from     timestamptz NOT NULL,
     first_received timestamptz NOT NULL,
     PRIMARY KEY (connection_id, resource, object_id)
@@ -145,15 +147,15 @@ CREATE INDEX IF NOT EXISTS objects_id ON mirror.objects (resource, object_id);
 -- (mirror.versions); valid_to is set on those rows only.
 -- data is NULL when the state is the carrying event's own data: the log holds it already.
 CREATE TABLE IF NOT EXISTS mirror.states (
-    connection_id text NOT NULL,
-    resource      text NOT NULL,
-    object_id     text NOT NULL,
+    connection_id text COLLATE "C" NOT NULL,
+    resource      text COLLATE "C" NOT NULL,
+    object_id     text COLLATE "C" NOT NULL,
     valid_from    timestamptz NOT NULL,
     position      bigint NOT NULL,                 -- log position of the carrying event
     derived       boolean NOT NULL,                -- revealed by previous_attributes
     known_from    timestamptz NOT NULL,            -- received_at of that event
     sent_at       timestamptz NOT NULL,            -- svix-id time, or fetch time for snapshots
-    event_id      text NOT NULL,
+    event_id      text COLLATE "C" NOT NULL,
     deleted       boolean NOT NULL,
     state_hash    bytea,                           -- equal states, equal hashes (null = absent)
     prev_hash     bytea,                           -- the predecessor a received update reveals
@@ -175,14 +177,14 @@ WHERE s.wins;
 
 -- Field-level change feed: one row per changed dotted path between consecutive versions.
 CREATE TABLE IF NOT EXISTS mirror.changes (
-    connection_id text NOT NULL,
-    resource      text NOT NULL,
-    id            text NOT NULL,
+    connection_id text COLLATE "C" NOT NULL,
+    resource      text COLLATE "C" NOT NULL,
+    id            text COLLATE "C" NOT NULL,
     changed_at    timestamptz NOT NULL,            -- the valid_from of the version it leads to
-    path          text NOT NULL,
+    path          text COLLATE "C" NOT NULL,
     old_value     jsonb,
     new_value     jsonb,
-    event_id      text NOT NULL,
+    event_id      text COLLATE "C" NOT NULL,
     derived       boolean NOT NULL DEFAULT false,
     PRIMARY KEY (connection_id, resource, id, changed_at, path)
 );
@@ -192,12 +194,12 @@ CREATE INDEX IF NOT EXISTS changes_time ON mirror.changes (changed_at);
 -- unplaceable (previous_attributes that cannot be applied), and reconcile's drift. A re-fold
 -- marks the fold's own kinds it no longer finds resolved, never deletes them.
 CREATE TABLE IF NOT EXISTS mirror.anomalies (
-    connection_id text NOT NULL,
-    resource      text NOT NULL,
-    object_id     text NOT NULL,
-    kind          text NOT NULL,
+    connection_id text COLLATE "C" NOT NULL,
+    resource      text COLLATE "C" NOT NULL,
+    object_id     text COLLATE "C" NOT NULL,
+    kind          text COLLATE "C" NOT NULL,
     at            timestamptz NOT NULL,
-    event_id      text NOT NULL,                   -- the event that revealed it
+    event_id      text COLLATE "C" NOT NULL,                   -- the event that revealed it
     paths         text[] NOT NULL DEFAULT '{}',
     detail        jsonb,
     detected_at   timestamptz NOT NULL DEFAULT now(),
@@ -210,9 +212,9 @@ CREATE INDEX IF NOT EXISTS anomalies_open ON mirror.anomalies (detected_at)
 
 -- Objects whose fold raised: skipped until a later event folds them cleanly.
 CREATE TABLE IF NOT EXISTS mirror.poison (
-    connection_id text NOT NULL,
-    resource      text NOT NULL,
-    object_id     text NOT NULL,
+    connection_id text COLLATE "C" NOT NULL,
+    resource      text COLLATE "C" NOT NULL,
+    object_id     text COLLATE "C" NOT NULL,
     reason        text NOT NULL,
     last_position bigint NOT NULL,
     recorded_at   timestamptz NOT NULL DEFAULT now(),

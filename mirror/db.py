@@ -120,8 +120,8 @@ def resource_ddl(resource: Resource) -> list[str]:
     table = resource.table
     out = [
         f"""CREATE TABLE IF NOT EXISTS mirror.{table} (
-            connection_id text NOT NULL,
-            id text NOT NULL,
+            connection_id text COLLATE "C" NOT NULL,
+            id text COLLATE "C" NOT NULL,
             data jsonb NOT NULL,
             created_date timestamptz,
             updated_date timestamptz,
@@ -138,8 +138,8 @@ def resource_ddl(resource: Resource) -> list[str]:
     for child in resource.children:
         out.append(
             f"""CREATE TABLE IF NOT EXISTS mirror.{child.table} (
-                connection_id text NOT NULL,
-                {child.parent_column} text NOT NULL,
+                connection_id text COLLATE "C" NOT NULL,
+                {child.parent_column} text COLLATE "C" NOT NULL,
                 line_number integer NOT NULL,
                 data jsonb NOT NULL,
                 PRIMARY KEY (connection_id, {child.parent_column}, line_number))"""

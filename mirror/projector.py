@@ -166,11 +166,14 @@ async def project_page(conn: asyncpg.Connection, parts: list[int], *, page_size:
             last[row["part"]] = (row["txid"], row["position"])
             counts[row["part"]] = counts.get(row["part"], 0) + 1
         if limits is not None:
-            # A partition that filled its share gets a larger one next time; others shrink
-            # back, so a backlog drains fast without starving the other partitions.
-            for r, n in zip(held, lim, strict=True):
-                full = counts.get(r["part"], 0) >= n
-                limits[r["part"]] = min(n * 2, page_size) if full else per_part
+            # A partition that filled its share gets a larger one next time, others shrink
+            # back, and the shares never add up to more than a page: a backlog in a few
+            # partitions drains fast without starving the others or growing the page.
+            wanted = {r["part"]: (n * 2 if counts.get(r["part"], 0) >= n else per_part)
+                      for r, n in zip(held, lim, strict=True)}
+            scale = min(1.0, page_size / max(sum(wanted.values()), 1))
+            for part, n in wanted.items():
+                limits[part] = max(int(n * scale), 16)
         old = {r["part"]: (r["last_txid"], r["last_position"]) for r in held}
         if cache is not None:
             for part, checkpoint in old.items():

@@ -121,9 +121,6 @@ INSERT INTO mirror.changes (connection_id, resource, id, changed_at, path, old_v
 SELECT c, r, i, t, p, o::jsonb, n::jsonb, e, d
 FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[],
             $7::text[], $8::text[], $9::boolean[]) AS u(c, r, i, t, p, o, n, e, d)
-ON CONFLICT (connection_id, resource, id, changed_at, path) DO UPDATE
-SET old_value = EXCLUDED.old_value, new_value = EXCLUDED.new_value,
-    event_id = EXCLUDED.event_id, derived = EXCLUDED.derived
 """
 UPSERT_OBJECTS_SQL = """
 INSERT INTO mirror.objects AS o (connection_id, resource, object_id, known_from, first_received)
