@@ -15,14 +15,15 @@ CREATE TABLE IF NOT EXISTS mirror.events (
     -- Log position: allocated at INSERT time, so a transaction that started earlier may commit a
     -- lower position after a higher one is already visible. Readers order by (txid, position);
     -- see mirror/projector.py for why that never skips a late commit.
-    position            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    position            bigint GENERATED ALWAYS AS IDENTITY,
     txid                xid8 NOT NULL DEFAULT pg_current_xact_id(),
     event_id            text NOT NULL,            -- svix-id (webhook-id): the dedup key
     received_at         timestamptz NOT NULL,     -- when the request reached the mirror
     svix_timestamp      timestamptz,              -- the signed attempt time (not the event time)
     origin              text NOT NULL DEFAULT 'webhook'
                         CHECK (origin IN ('webhook', 'backfill', 'reconcile', 'fetch')),
-    connection_id       text,
+    -- '' when the body names no connection (it is then unusable): the primary key needs a value.
+    connection_id       text NOT NULL,
     integration_name    text,
     integration_type    text,
     event_type          text,                     -- verbatim, as sent
@@ -35,8 +36,13 @@ CREATE TABLE IF NOT EXISTS mirror.events (
     body_sha256         bytea NOT NULL,           -- sha256 of the body exactly as received
     redacted            boolean NOT NULL DEFAULT false,
     unusable_reason     text,                     -- why it cannot be projected; NULL if it can
+    -- connection_id first, like every table holding a connection's data (CONTRACT §10), so a
+    -- connection's log can live on the shard that holds the rest of its data.
+    CONSTRAINT events_pkey PRIMARY KEY (connection_id, position),
     CONSTRAINT events_event_id_key UNIQUE (event_id)
 );
+-- The log position on its own: the projections refer to an event by it.
+CREATE UNIQUE INDEX IF NOT EXISTS events_position ON mirror.events (position);
 
 -- Projection partition (0..127): a stable hash of the connection and object key, so one
 -- object's events always land in one partition and partitions can be folded in parallel by any
@@ -71,6 +77,28 @@ CREATE OR REPLACE TRIGGER events_no_update_delete
 CREATE OR REPLACE TRIGGER events_no_truncate
     BEFORE TRUNCATE ON mirror.events
     FOR EACH STATEMENT EXECUTE FUNCTION mirror.refuse_change();
+
+-- A log made before the primary key led with connection_id (it was the position alone, and a
+-- body naming no connection kept NULL there): those rows get '' and the key is rebuilt. The
+-- one change ever made to stored rows, by the schema's owner, with the guard lifted for the
+-- length of this transaction only; nothing but that NULL is touched.
+DO $$
+BEGIN
+    IF (SELECT array_agg(a.attname::text ORDER BY k.n)
+        FROM pg_index i
+        CROSS JOIN unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+        WHERE i.indrelid = 'mirror.events'::regclass AND i.indisprimary) = ARRAY['position']
+    THEN
+        ALTER TABLE mirror.events DISABLE TRIGGER events_no_update_delete;
+        UPDATE mirror.events SET connection_id = '' WHERE connection_id IS NULL;
+        ALTER TABLE mirror.events ENABLE TRIGGER events_no_update_delete;
+        ALTER TABLE mirror.events ALTER COLUMN connection_id SET NOT NULL;
+        ALTER TABLE mirror.events DROP CONSTRAINT events_pkey;
+        ALTER TABLE mirror.events ADD CONSTRAINT events_pkey PRIMARY KEY (connection_id, position);
+    END IF;
+END;
+$$;
 
 -- Wake the projectors. Delivered on commit and folded to one per transaction; a lost
 -- notification only costs latency because the workers also poll.
@@ -114,6 +142,25 @@ CREATE TABLE IF NOT EXISTS mirror.checkpoints (
 INSERT INTO mirror.checkpoints (part)
 SELECT g FROM generate_series(0, 127) AS g
 ON CONFLICT (part) DO NOTHING;
+
+-- Which live worker holds which partition, and how far each partition is folded: the SQL face of
+-- `mirror status`'s lease list. owner (host:pid:worker, and host, pid, worker split out) is
+-- NULL when nobody holds a live lease on the partition: free, or its holder stopped renewing
+-- (lease_until then shows when that lease ran out). checkpoint: the (txid, position) of the
+-- last event folded.
+CREATE OR REPLACE VIEW mirror.partition_owners AS
+SELECT c.part AS partition,
+       o.owner,
+       (regexp_match(o.owner, '^(.*):([0-9]+):([0-9]+)$'))[1] AS host,
+       (regexp_match(o.owner, '^(.*):([0-9]+):([0-9]+)$'))[2]::integer AS pid,
+       (regexp_match(o.owner, '^(.*):([0-9]+):([0-9]+)$'))[3]::integer AS worker,
+       c.lease_until,
+       c.last_txid,
+       c.last_position,
+       '(' || c.last_txid || ',' || c.last_position || ')' AS checkpoint,
+       c.updated_at
+FROM mirror.checkpoints c
+CROSS JOIN LATERAL (SELECT CASE WHEN c.lease_until > now() THEN c.owner END AS owner) o;
 
 -- "Is this event still waiting to be folded?": the one definition, used by the lag figures,
 -- caught_up, reconcile and the tests. Per partition it is an index range scan after the

@@ -52,8 +52,10 @@ class Record:
 
     def values(self) -> tuple[Any, ...]:
         e = self.envelope
+        # '' for a body that names no connection: connection_id leads the log's primary key.
+        connection = "" if e.connection_id is None else e.connection_id
         return (
-            self.event_id, self.received_at, self.svix_timestamp, self.origin, e.connection_id,
+            self.event_id, self.received_at, self.svix_timestamp, self.origin, connection,
             e.integration_name, e.integration_type, e.event_type, e.kind, e.resource,
             e.object_id, e.data, e.previous_attributes, e.body, e.body_sha256, e.redacted,
             e.unusable_reason,

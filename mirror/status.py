@@ -8,6 +8,32 @@ import asyncpg
 
 from mirror import progress
 
+# The partitions each live worker holds, from the view of schema.sql.
+OWNED_SQL = """
+SELECT owner, array_agg(partition ORDER BY partition) AS parts
+FROM mirror.partition_owners WHERE owner IS NOT NULL GROUP BY owner
+"""
+
+
+def ranges(parts: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` as ``0-2,5,7-8``."""
+    spans: list[list[int]] = []
+    for part in sorted(parts):
+        if spans and part == spans[-1][1] + 1:
+            spans[-1][1] = part
+        else:
+            spans.append([part, part])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+async def leases(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+    """Each live worker's leases, with the partitions it holds listed (``parts``)."""
+    # One snapshot and one now(): the counts and the lists agree.
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        owned = {r["owner"]: list(r["parts"]) for r in await conn.fetch(OWNED_SQL)}
+        held = await progress.leases(conn)
+    return [{**w, "parts": owned.get(w["owner"], [])} for w in held]
+
 
 async def gather(conn: asyncpg.Connection) -> dict[str, Any]:
     """Everything `mirror status` reports, as a dict."""
@@ -36,7 +62,7 @@ async def gather(conn: asyncpg.Connection) -> dict[str, Any]:
     return {
         "workers": await progress.live_workers(conn),
         "partitions": progress.PARTITIONS,
-        "leases": await progress.leases(conn),
+        "leases": await leases(conn),
         "backfills": [dict(r) for r in backfills],
         "events": log["events"],
         "head_position": log["head"],
@@ -61,7 +87,7 @@ def render(report: dict[str, Any]) -> str:
         f"projection workers:   {report['workers']} alive (heartbeat within 15 s)",
         f"partitions:           {report['partitions']}, leased by "
         f"{len(report['leases'])} worker(s)",
-        *[f"  {w['owner']}: {w['partitions']} partitions ({w['first']}..{w['last']})"
+        *[f"  {w['owner']}: {w['partitions']} partitions ({ranges(w['parts'])})"
           for w in report["leases"]],
         f"projection lag:       {report['projection_lag_events']} events, "
         f"{report['projection_lag_seconds']} s",

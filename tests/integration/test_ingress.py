@@ -301,7 +301,7 @@ async def test_row_the_database_refuses_is_kept_as_its_body(client: Client,
     response = await client.post("/webhooks", data=body, headers=headers)
     assert response.status == 200
     rows = await stored(db_url)
-    assert len(rows) == 1 and rows[0]["connection_id"] is None
+    assert len(rows) == 1 and rows[0]["connection_id"] == ""
     assert rows[0]["unusable_reason"].startswith("database refused the parsed row (23514)")
     assert bytes(rows[0]["body"]) == body
 
