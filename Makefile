@@ -26,9 +26,11 @@ test: $(STAMP) ## run the test suite against a real PostgreSQL (DATABASE_URL or 
 
 PG_BIN ?= /usr/lib/postgresql/15/bin
 
-test-slow: $(STAMP) ## run the long tests (crash, outage, flood, failover)
-	@test -x $(PG_BIN)/initdb || { echo "installing PostgreSQL 15 for the failover rig"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15; }
+test-slow: $(STAMP) ## run the long tests (crash, outage, flood, failover, multi-host)
+	@missing=""; test -x $(PG_BIN)/initdb || missing="postgresql-15"; \
+		command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || missing="$$missing haproxy"; \
+		if [ -n "$$missing" ]; then echo "installing $$missing for the failover and multi-host rigs"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 	MIRROR_PG_BIN=$(PG_BIN) $(BIN)/python -m pytest -m slow
 
 lint: $(STAMP) ## ruff and mypy
