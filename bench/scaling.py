@@ -71,6 +71,44 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _server_cpu_seconds(postmaster: int | None) -> float | None:
+    """CPU of a PostgreSQL server on this machine: the postmaster, its reaped backends
+    (cutime/cstime) and its live children. None when the server is elsewhere."""
+    if postmaster is None:
+        return None
+    try:
+        fields = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    ticks = sum(int(v) for v in fields[11:15])
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                child = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(child[1]) == postmaster:
+                ticks += int(child[11]) + int(child[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+async def _data_directory(dsn: str) -> str:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return str(await conn.fetchval("SELECT current_setting('data_directory')"))
+    finally:
+        await conn.close()
+
+
+def _postmaster(dsn: str) -> int | None:
+    """The server's postmaster pid when it runs on this machine (its postmaster.pid)."""
+    try:
+        pid_file = Path(asyncio.run(_data_directory(dsn))) / "postmaster.pid"
+        return int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError, asyncpg.PostgresError):
+        return None
+
+
 def _machine_busy() -> float:
     """CPU seconds spent by the whole machine, every process of every user (/proc/stat)."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -81,8 +119,10 @@ def _machine_busy() -> float:
 def _drain(dsn: str, processes: int, events: int) -> dict[str, Any]:
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")},
            "DATABASE_URL": dsn, "MIRROR_LOG_LEVEL": "WARNING"}
+    postmaster = _postmaster(dsn)
     started = time.perf_counter()
     busy = _machine_busy()
+    server = _server_cpu_seconds(postmaster)
     procs = [subprocess.Popen([sys.executable, "-m", "mirror", "project", "--workers", "1"],
                               env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL) for _ in range(processes)]
@@ -90,6 +130,8 @@ def _drain(dsn: str, processes: int, events: int) -> dict[str, Any]:
         first, total = asyncio.run(_watch(dsn, started, 1800))
         cpu = sum(_cpu_seconds(p.pid) for p in procs)
         busy = _machine_busy() - busy
+        after = _server_cpu_seconds(postmaster)
+        database = None if server is None or after is None else round(after - server, 1)
     finally:
         for proc in procs:
             proc.terminate()
@@ -100,7 +142,7 @@ def _drain(dsn: str, processes: int, events: int) -> dict[str, Any]:
             "drain_events_per_s": round(events / (total - first), 1),
             # Where the CPU went: the projection processes, and the whole machine (the
             # database and whatever else runs on it) against the cores' capacity.
-            "projector_cpu_s": round(cpu, 1),
+            "projector_cpu_s": round(cpu, 1), "database_cpu_s": database,
             "machine_busy": round(busy / (total * (os.cpu_count() or 1)), 2)}
 
 
@@ -123,7 +165,8 @@ def run(admin_url: str, events: int | None = None) -> dict[str, Any]:
         result = _drain(_with_db(admin_url, name), n, len(records))
         print(f"  scaling: {n} process(es): {result['events_per_s']} events/s from start, "
               f"{result['drain_events_per_s']} events/s draining, projector CPU "
-              f"{result['projector_cpu_s']} s, machine busy {result['machine_busy']:.0%}",
+              f"{result['projector_cpu_s']} s, database CPU {result['database_cpu_s']} s, "
+              f"machine busy {result['machine_busy']:.0%}",
               file=sys.stderr)
         runs.append(result)
         asyncio.run(_admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -143,9 +186,11 @@ def render(r: dict[str, Any]) -> list[str]:
         f"{one['events_per_s']} events/s ({one['seconds']} s) | {r['ratio']:.2f}x | ≥ 1.6x |",
         f"| the same, drain rate after the first page | {two['drain_events_per_s']} events/s "
         f"| 1 process {one['drain_events_per_s']} events/s | {r['drain_ratio']:.2f}x | ≥ 1.6x |",
-        f"| the same, projection CPU / machine busy | {two['projector_cpu_s']} s / "
+        f"| the same, CPU: projection / database / machine busy | "
+        f"{two['projector_cpu_s']} s / {two['database_cpu_s']} s / "
         f"{two['machine_busy']:.0%} of {r['cores']} cores | 1 process "
-        f"{one['projector_cpu_s']} s / {one['machine_busy']:.0%} | | |",
+        f"{one['projector_cpu_s']} s / {one['database_cpu_s']} s / {one['machine_busy']:.0%} "
+        "| | |",
     ]
 
 
