@@ -143,7 +143,13 @@ def _drain(dsn: str, processes: int, events: int) -> dict[str, Any]:
             # Where the CPU went: the projection processes, and the whole machine (the
             # database and whatever else runs on it) against the cores' capacity.
             "projector_cpu_s": round(cpu, 1), "database_cpu_s": database,
-            "machine_busy": round(busy / (total * (os.cpu_count() or 1)), 2)}
+            "machine_busy": round(busy / (total * (os.cpu_count() or 1)), 2),
+            # How many cores the mirror (projection + database) actually got, and its work
+            # per CPU-second: equal per-CPU figures mean sharing the work costs nothing extra,
+            # and the rate follows the cores it is given.
+            "mirror_cores": None if database is None else round((cpu + database) / total, 2),
+            "events_per_cpu_s": None if database is None
+            else round(events / (cpu + database), 1)}
 
 
 def run(admin_url: str, events: int | None = None) -> dict[str, Any]:
@@ -191,6 +197,9 @@ def render(r: dict[str, Any]) -> list[str]:
         f"{two['machine_busy']:.0%} of {r['cores']} cores | 1 process "
         f"{one['projector_cpu_s']} s / {one['database_cpu_s']} s / {one['machine_busy']:.0%} "
         "| | |",
+        f"| the same, cores the mirror got; events per CPU-second | {two['mirror_cores']}; "
+        f"{two['events_per_cpu_s']} | 1 process {one['mirror_cores']}; "
+        f"{one['events_per_cpu_s']} | | |",
     ]
 
 
