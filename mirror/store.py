@@ -303,7 +303,11 @@ class Writer:
         known = [c.known_from for c in folded.candidates]
         if known:
             first = min(received) if received else min(c.valid_from for c in folded.candidates)
-            self.objects.append((conn_id, resource, obj_id, min(known), first))
+            tail = out.tail
+            # Written when the object is new or either time moves earlier, not every page.
+            if tail is None or tail.known_from is None or tail.first_received is None \
+                    or min(known) < tail.known_from or first < tail.first_received:
+                self.objects.append((conn_id, resource, obj_id, min(known), first))
         for a in (*out.event_anomalies, *folded.anomalies):
             self.anomalies.append((conn_id, resource, obj_id, a.kind, a.at, a.event_id,
                                    _array_literal(a.paths), json_text(a.detail)))
