@@ -162,8 +162,23 @@ CREATE TABLE IF NOT EXISTS mirror.states (
     data          jsonb,                           -- NULL: mirror.events.data at position
     wins          boolean NOT NULL,
     valid_to      timestamptz,                     -- winners only; NULL while current
+    -- winners only: [[dotted path, old value, new value], ...] from the version before
+    changes       jsonb,
     PRIMARY KEY (connection_id, resource, object_id, valid_from, position, derived)
 );
+-- "What changed between T1 and T2": the winners by time.
+CREATE INDEX IF NOT EXISTS states_changed_at ON mirror.states (valid_from)
+    WHERE wins AND changes IS NOT NULL;
+
+-- Field-level change feed: one row per changed dotted path between consecutive versions. Kept
+-- inside each version's row (one write per version, not one per field) and unfolded here.
+CREATE OR REPLACE VIEW mirror.changes AS
+SELECT s.resource, s.connection_id, s.object_id AS id, s.valid_from AS changed_at,
+       c.value ->> 0 AS path, nullif(c.value -> 1, 'null'::jsonb) AS old_value,
+       nullif(c.value -> 2, 'null'::jsonb) AS new_value, s.event_id, s.derived
+FROM mirror.states s
+CROSS JOIN LATERAL jsonb_array_elements(s.changes) AS c(value)
+WHERE s.wins AND s.changes IS NOT NULL;
 
 -- The collapsed timeline of every object: one row per version, valid from valid_from
 -- (inclusive) to valid_to (exclusive; NULL = still valid). data IS NULL marks a deletion.
@@ -174,21 +189,6 @@ SELECT s.resource, s.connection_id, s.object_id, s.valid_from, s.valid_to,
 FROM mirror.states s
 JOIN mirror.events e ON e.position = s.position
 WHERE s.wins;
-
--- Field-level change feed: one row per changed dotted path between consecutive versions.
-CREATE TABLE IF NOT EXISTS mirror.changes (
-    connection_id text COLLATE "C" NOT NULL,
-    resource      text COLLATE "C" NOT NULL,
-    id            text COLLATE "C" NOT NULL,
-    changed_at    timestamptz NOT NULL,            -- the valid_from of the version it leads to
-    path          text COLLATE "C" NOT NULL,
-    old_value     jsonb,
-    new_value     jsonb,
-    event_id      text COLLATE "C" NOT NULL,
-    derived       boolean NOT NULL DEFAULT false,
-    PRIMARY KEY (connection_id, resource, id, changed_at, path)
-);
-CREATE INDEX IF NOT EXISTS changes_time ON mirror.changes (changed_at);
 
 -- What the set of events reveals is wrong: missed_webhook, conflict, inconsistent, clock_skew,
 -- unplaceable (previous_attributes that cannot be applied), and reconcile's drift. A re-fold

@@ -197,12 +197,15 @@ async def _reset_older_engine(conn: asyncpg.Connection) -> None:
     if await conn.fetchval("SELECT to_regclass('mirror.meta') IS NOT NULL") and \
             await conn.fetchval("SELECT value FROM mirror.meta WHERE key = 'engine'") == ENGINE:
         return
-    await conn.execute("DROP VIEW IF EXISTS mirror.versions")
     await conn.execute("CREATE TEMP TABLE anomalies_engine1 ON COMMIT DROP AS "
                        "SELECT * FROM mirror.anomalies WHERE kind = 'drift'")
-    for table in ("versions", "states", "changes", "anomalies", "objects", "poison",
-                  "checkpoints"):
-        await conn.execute(f"DROP TABLE IF EXISTS mirror.{table} CASCADE")
+    for name in ("versions", "changes", "unprojected_events", "states", "anomalies",
+                 "objects", "poison", "checkpoints"):
+        kind = await conn.fetchval(
+            "SELECT relkind FROM pg_class WHERE oid = to_regclass('mirror.' || $1)", name)
+        if kind is not None:
+            what = "VIEW" if kind == b"v" or kind == "v" else "TABLE"
+            await conn.execute(f"DROP {what} IF EXISTS mirror.{name} CASCADE")
     for resource in registry.resources():
         for name in (resource.table, *[c.table for c in resource.children]):
             await conn.execute(f"DROP TABLE IF EXISTS mirror.{name} CASCADE")

@@ -89,6 +89,7 @@ class Candidate:
     valid_to: datetime | None = None
     envelope: Mapping[str, Any] | None = None  # for resources that merge partial events
     previous: Mapping[str, Any] | None = None  # a received update's previous_attributes
+    changes: list[tuple[str, Any, Any]] | None = None  # winners: fields changed from before
 
     def rank(self, predecessors: set[bytes]) -> tuple[bool, bool, bool, datetime, str]:
         """The order that decides one instant; the greatest holds (see the module doc)."""
@@ -307,6 +308,7 @@ def fold_from(resource: Resource, prior: Prior | None, candidates: Iterable[Cand
         for c in cands:
             c.wins = False
             c.valid_to = None
+            c.changes = None
             if c.derived and any(not r.derived and not r.deleted and r.state_hash == c.state_hash
                                  and r.known_from <= c.known_from for r in cands):
                 continue  # never decides anything: an equal received state is always known
@@ -331,9 +333,9 @@ def fold_from(resource: Resource, prior: Prior | None, candidates: Iterable[Cand
                 _changed_paths(before_data, winner.data),
                 {"after": before.event_id if before is not None else None}))
         if before_data is not None and winner.data is not None:
-            diffs = _changes(before, before_data, winner)
+            winner.changes = _changes(before, before_data, winner)
             changes.extend(Change(instant, p, old, new, winner.event_id, winner.derived)
-                           for p, old, new in diffs)
+                           for p, old, new in winner.changes)
         current = winner
     return Folded(kept, anomalies, changes, prior_valid_to, current)
 

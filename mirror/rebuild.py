@@ -47,7 +47,6 @@ async def rebuild(conn: asyncpg.Connection, resource_name: str | None = None) ->
 async def _rebuild_one(conn: asyncpg.Connection, resource: Resource) -> int:
     name = resource.name
     await conn.execute("DELETE FROM mirror.states WHERE resource = $1", name)
-    await conn.execute("DELETE FROM mirror.changes WHERE resource = $1", name)
     await conn.execute("DELETE FROM mirror.objects WHERE resource = $1", name)
     await conn.execute("DELETE FROM mirror.poison WHERE resource = $1", name)
     # What the fold finds again is reopened by the upsert; what it does not is resolved.

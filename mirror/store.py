@@ -89,22 +89,16 @@ USING unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
       AS k(resource, connection_id, object_id, since)
 WHERE {_SAME.format(a='s')} AND s.valid_from >= k.since
 """
-DELETE_CHANGES_SQL = """
-DELETE FROM mirror.changes c
-USING unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
-      AS k(resource, connection_id, object_id, since)
-WHERE c.connection_id = k.connection_id AND c.resource = k.resource AND c.id = k.object_id
-  AND c.changed_at >= k.since
-"""
 INSERT_STATES_SQL = """
 INSERT INTO mirror.states (connection_id, resource, object_id, valid_from, position, derived,
                            known_from, sent_at, event_id, deleted, state_hash, prev_hash, data,
-                           wins, valid_to)
-SELECT c, r, o, vf, p, d, kf, sa, e, del, sh, ph, dt::jsonb, w, vt
+                           wins, valid_to, changes)
+SELECT c, r, o, vf, p, d, kf, sa, e, del, sh, ph, dt::jsonb, w, vt, ch::jsonb
 FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bigint[],
             $6::boolean[], $7::timestamptz[], $8::timestamptz[], $9::text[], $10::boolean[],
-            $11::bytea[], $12::bytea[], $13::text[], $14::boolean[], $15::timestamptz[])
-     AS u(c, r, o, vf, p, d, kf, sa, e, del, sh, ph, dt, w, vt)
+            $11::bytea[], $12::bytea[], $13::text[], $14::boolean[], $15::timestamptz[],
+            $16::text[])
+     AS u(c, r, o, vf, p, d, kf, sa, e, del, sh, ph, dt, w, vt, ch)
 """
 SET_VALID_TO_SQL = """
 UPDATE mirror.states s SET valid_to = u.valid_to
@@ -114,13 +108,6 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bigint[],
 WHERE s.connection_id = u.connection_id AND s.resource = u.resource
   AND s.object_id = u.object_id AND s.valid_from = u.valid_from
   AND s.position = u.position AND s.derived = u.derived
-"""
-INSERT_CHANGES_SQL = """
-INSERT INTO mirror.changes (connection_id, resource, id, changed_at, path, old_value,
-                            new_value, event_id, derived)
-SELECT c, r, i, t, p, o::jsonb, n::jsonb, e, d
-FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[],
-            $7::text[], $8::text[], $9::boolean[]) AS u(c, r, i, t, p, o, n, e, d)
 """
 UPSERT_OBJECTS_SQL = """
 INSERT INTO mirror.objects AS o (connection_id, resource, object_id, known_from, first_received)
@@ -270,7 +257,6 @@ class Writer:
         self.refolds: list[tuple[str, str, str, datetime]] = []
         self.states: list[tuple[Any, ...]] = []
         self.valid_to: list[tuple[Any, ...]] = []
-        self.changes: list[tuple[Any, ...]] = []
         self.objects: list[tuple[Any, ...]] = []
         self.anomalies: list[tuple[Any, ...]] = []
         self.cleared: list[ObjectKey] = []
@@ -287,18 +273,12 @@ class Writer:
                 conn_id, resource, obj_id, c.valid_from, c.position, c.derived, c.known_from,
                 c.sent_at, c.event_id, c.deleted, c.state_hash, c.prev_hash,
                 json_text(c.data) if c.stored and not c.deleted else None, c.wins,
-                c.valid_to))
+                c.valid_to, json_text(c.changes) if c.wins and c.changes else None))
         prior = out.tail.prior if out.tail else None
         if prior is not None and out.tail is not None and \
                 folded.prior_valid_to != out.tail.prior_valid_to:
             self.valid_to.append((conn_id, resource, obj_id, prior.valid_from, prior.position,
                                   prior.derived, folded.prior_valid_to))
-        for ch in folded.changes:
-            # Values may be arrays: they travel as JSON text, since asyncpg would read a
-            # Python list inside a jsonb[] parameter as another array dimension.
-            self.changes.append((conn_id, resource, obj_id, ch.changed_at, ch.path,
-                                 json_text(ch.old_value), json_text(ch.new_value), ch.event_id,
-                                 ch.derived))
         received = [c.valid_from for c in folded.candidates if not c.derived]
         known = [c.known_from for c in folded.candidates]
         if known:
@@ -325,13 +305,12 @@ class Writer:
         if self.refolds:
             params = columns(self.refolds, 4)
             await conn.execute(DELETE_STATES_SQL, *params)
-            await conn.execute(DELETE_CHANGES_SQL, *params)
         if self.states:
-            await conn.execute(INSERT_STATES_SQL, *columns(self.states, 15))
+            # JSON values travel as text: asyncpg would read a Python list inside a jsonb[]
+            # parameter as another array dimension.
+            await conn.execute(INSERT_STATES_SQL, *columns(self.states, 16))
         if self.valid_to:
             await conn.execute(SET_VALID_TO_SQL, *columns(self.valid_to, 7))
-        if self.changes:
-            await conn.execute(INSERT_CHANGES_SQL, *columns(self.changes, 9))
         if self.objects:
             await conn.execute(UPSERT_OBJECTS_SQL, *columns(self.objects, 5))
         anomalies = list({a[:6]: a for a in self.anomalies}.values())
