@@ -119,6 +119,7 @@ class Prior:
     event_id: str
     position: int
     derived: bool
+    known_from: datetime | None = None
 
 
 @dataclass

@@ -217,13 +217,15 @@ async def fold_page(conn: asyncpg.Connection, fresh: dict[ObjectKey, list[Event]
             _poison(failed, key, exc, events, cache)
             continue
         new[key] = (cands, shown)
-        since[key] = min(c.valid_from for c in cands)
+        # Load the tail from the earliest *received* instant: in an in-order stream every
+        # update also reveals the state at the stored last instant, which changes nothing.
+        since[key] = min(c.valid_from for c in cands if not c.derived)
     tails: dict[ObjectKey, Tail] = {}
     unknown: dict[ObjectKey, datetime] = {}
     for key, t in since.items():
         hit = cache.get(key) if cache is not None else None
         if hit is not None and (hit.last_instant is None or t > hit.last_instant):
-            # Appending after everything stored: the cached current version is the prior.
+            # After everything stored: the cached current version is the prior.
             current = hit.current
             prior = None if current is None else _as_prior(current)
             tails[key] = Tail(prior, None, hit.last_instant, hit.first_received,
@@ -231,6 +233,16 @@ async def fold_page(conn: asyncpg.Connection, fresh: dict[ObjectKey, list[Event]
         else:
             unknown[key] = t
     tails.update(await load_tails(conn, unknown))
+    earlier: dict[ObjectKey, datetime] = {}
+    for key, (cands, _) in new.items():
+        prior = tails[key].prior
+        if prior is not None:
+            cands[:] = [c for c in cands if not _redundant(c, prior)]
+        t = min(c.valid_from for c in cands)
+        if t < since[key]:
+            since[key] = earlier[key] = t  # a state revealed before it: re-fold from there
+    if earlier:
+        tails.update(await load_tails(conn, earlier))
     later = {k: t for k, t in since.items()
              if tails[k].last_instant is not None and t <= tails[k].last_instant  # type: ignore[operator]
              and not tails[k].poisoned}
@@ -246,8 +258,7 @@ async def fold_page(conn: asyncpg.Connection, fresh: dict[ObjectKey, list[Event]
         try:
             if tail.poisoned:
                 # Folded again from its first event: what was stored may be incomplete.
-                again = replay.get(key, [])
-                for event in again:
+                for event in replay.get(key, []):
                     found, anomalies = candidates_of(resource, event)
                     cands += found
                     shown += anomalies
@@ -330,7 +341,15 @@ def _as_prior(current: Candidate | Prior) -> Prior:
     if isinstance(current, Prior):
         return current
     return Prior(current.valid_from, current.data, current.state_hash, current.deleted,
-                 current.event_id, current.position, current.derived)
+                 current.event_id, current.position, current.derived, current.known_from)
+
+
+def _redundant(c: Candidate, prior: Prior) -> bool:
+    """A revealed state equal to the received version in force at its very instant, which
+    was known no later: the fold would drop it (it can never decide an answer)."""
+    return (c.derived and c.valid_from == prior.valid_from and not prior.derived
+            and not prior.deleted and prior.state_hash == c.state_hash
+            and prior.known_from is not None and prior.known_from <= c.known_from)
 
 
 def _unique(cands: list[Candidate]) -> list[Candidate]:

@@ -41,6 +41,7 @@ TAILS_SQL = f"""
 SELECT k.resource, k.connection_id, k.object_id, o.first_received, o.known_from,
        (SELECT max(s.valid_from) FROM mirror.states s WHERE {_SAME.format(a='s')}) AS last_instant,
        w.valid_from, w.valid_to, w.deleted, w.derived, w.event_id, w.position, w.state_hash,
+       w.known_from AS prior_known_from,
        CASE WHEN w.deleted THEN NULL ELSE coalesce(w.data, e.data) END AS data,
        EXISTS (SELECT 1 FROM mirror.poison p WHERE {_SAME.format(a='p')}) AS poisoned
 FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
@@ -209,7 +210,7 @@ async def load_tails(conn: asyncpg.Connection, since: dict[ObjectKey, datetime],
         prior = None
         if r["valid_from"] is not None:
             prior = Prior(r["valid_from"], r["data"], r["state_hash"], r["deleted"],
-                          r["event_id"], r["position"], r["derived"])
+                          r["event_id"], r["position"], r["derived"], r["prior_known_from"])
         out[(r["resource"], r["connection_id"], r["object_id"])] = Tail(
             prior, r["valid_to"], r["last_instant"], r["first_received"], r["known_from"],
             r["poisoned"])
