@@ -165,7 +165,7 @@ CREATE TABLE IF NOT EXISTS mirror.states (
     -- winners only: [[dotted path, old value, new value], ...] from the version before
     changes       jsonb,
     PRIMARY KEY (connection_id, resource, object_id, valid_from, position, derived)
-);
+) WITH (fillfactor = 90);  -- room for valid_to to be set in place (a HOT update, no index)
 -- "What changed between T1 and T2": the winners by time.
 CREATE INDEX IF NOT EXISTS states_changed_at ON mirror.states (valid_from)
     WHERE wins AND changes IS NOT NULL;

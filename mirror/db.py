@@ -130,9 +130,8 @@ def resource_ddl(resource: Resource) -> list[str]:
             PRIMARY KEY (connection_id, id))""",
         f"CREATE INDEX IF NOT EXISTS {table}_id ON mirror.{table} (id)",
         f"CREATE INDEX IF NOT EXISTS {table}_updated ON mirror.{table} (updated_date)",
-        # table_as_of: the versions alive at a time, without reading every version before it.
-        f"CREATE INDEX IF NOT EXISTS states_alive_{resource.name} ON mirror.states USING gist "
-        f"(tstzrange(valid_from, valid_to)) WHERE wins AND resource = '{resource.name}'",
+        # table_as_of: the objects whose current version had begun by a given time.
+        f"CREATE INDEX IF NOT EXISTS {table}_valid_from ON mirror.{table} (valid_from)",
     ]
     out += [s.format(t=table) for s in coldefs(resource.columns)]
     for child in resource.children:

@@ -204,22 +204,33 @@ END;
 $$;
 
 -- Every object of a resource as it stood at `at` (deleted ones left out). Without known_at it
--- reads only the versions alive at `at` (a GiST index on their validity per resource); with
--- known_at each object is decided among the candidates known by then.
+-- reads one version per object, never the versions before it: an object whose current version
+-- had begun by `at` comes straight from the current-state relation; only the others (changed
+-- or deleted since) are probed in mirror.states. With known_at each object is decided among
+-- the candidates known by then.
 CREATE OR REPLACE FUNCTION mirror.table_as_of(resource text, at timestamptz,
                                               known_at timestamptz DEFAULT NULL)
 RETURNS TABLE (connection_id text, id text, data jsonb)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     r text := mirror.canonical_resource(table_as_of.resource);
+    current_table text;
 BEGIN
-    IF table_as_of.known_at IS NULL THEN
-        -- The resource is a literal so the planner can use that resource's partial index.
+    IF table_as_of.known_at IS NULL AND r <> 'connection' THEN
+        SELECT t.table_name INTO current_table FROM mirror.resources t WHERE t.name = r;
+        -- Names come from mirror.resources (filled from the registry), quoted by format.
         RETURN QUERY EXECUTE format(
-            'SELECT s.connection_id, s.object_id, coalesce(s.data, e.data) '
-            'FROM mirror.states s JOIN mirror.events e ON e.position = s.position '
-            'WHERE s.wins AND s.resource = %L AND NOT s.deleted '
-            'AND tstzrange(s.valid_from, s.valid_to) @> $1::timestamptz', r)
+            'SELECT c.connection_id, c.id, c.data FROM mirror.%1$I c WHERE c.valid_from <= $1 '
+            'UNION ALL '
+            'SELECT o.connection_id, o.object_id, mirror.state_data(v) '
+            'FROM mirror.objects o '
+            'LEFT JOIN mirror.%1$I c ON c.connection_id = o.connection_id AND c.id = o.object_id '
+            'CROSS JOIN LATERAL (SELECT s.* FROM mirror.states s '
+            '    WHERE s.connection_id = o.connection_id AND s.resource = o.resource '
+            '      AND s.object_id = o.object_id AND s.wins AND s.valid_from <= $1 '
+            '    ORDER BY s.valid_from DESC LIMIT 1) v '
+            'WHERE o.resource = %2$L AND (c.id IS NULL OR c.valid_from > $1) AND NOT v.deleted',
+            current_table, r)
         USING table_as_of.at;
         RETURN;
     END IF;
@@ -234,6 +245,8 @@ BEGIN
                           FROM mirror.candidate_at(r, o.connection_id, o.object_id,
                                                    table_as_of.at, table_as_of.known_at) v)
                END AS data) d
-    WHERE o.resource = r AND o.known_from <= table_as_of.known_at AND d.data IS NOT NULL;
+    WHERE o.resource = r AND (table_as_of.known_at IS NULL
+                              OR o.known_from <= table_as_of.known_at)
+      AND d.data IS NOT NULL;
 END;
 $$;

@@ -239,8 +239,11 @@ async def fold_page(conn: asyncpg.Connection, fresh: dict[ObjectKey, list[Event]
         if prior is not None:
             cands[:] = [c for c in cands if not _redundant(c, prior)]
         t = min(c.valid_from for c in cands)
-        if t < since[key]:
-            since[key] = earlier[key] = t  # a state revealed before it: re-fold from there
+        if t < since[key] and tails[key].last_instant is not None:
+            # A state revealed before what is stored last: re-fold from there.
+            since[key] = earlier[key] = t
+        else:
+            since[key] = t
     if earlier:
         tails.update(await load_tails(conn, earlier))
     later = {k: t for k, t in since.items()
