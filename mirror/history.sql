@@ -224,12 +224,13 @@ BEGIN
             'UNION ALL '
             'SELECT o.connection_id, o.object_id, mirror.state_data(v) '
             'FROM mirror.objects o '
-            'LEFT JOIN mirror.%1$I c ON c.connection_id = o.connection_id AND c.id = o.object_id '
             'CROSS JOIN LATERAL (SELECT s.* FROM mirror.states s '
             '    WHERE s.connection_id = o.connection_id AND s.resource = o.resource '
             '      AND s.object_id = o.object_id AND s.wins AND s.valid_from <= $1 '
             '    ORDER BY s.valid_from DESC LIMIT 1) v '
-            'WHERE o.resource = %2$L AND (c.id IS NULL OR c.valid_from > $1) AND NOT v.deleted',
+            'WHERE o.resource = %2$L AND NOT v.deleted AND NOT EXISTS ('
+            '    SELECT 1 FROM mirror.%1$I c WHERE c.connection_id = o.connection_id '
+            '      AND c.id = o.object_id AND c.valid_from <= $1)',
             current_table, r)
         USING table_as_of.at;
         RETURN;
