@@ -200,6 +200,7 @@ async def fold_page(conn: asyncpg.Connection, fresh: dict[ObjectKey, list[Event]
     """Fold each object's new events onto what is stored and write the page."""
     failed: list[tuple[ObjectKey, str, int]] = []  # the objects whose fold raised
     outcomes: list[Outcome] = []
+    tails_now: dict[ObjectKey, _Cached] = {}
     new: dict[ObjectKey, tuple[list[Candidate], list[Anomaly]]] = {}
     since: dict[ObjectKey, datetime] = {}
     for key, events in fresh.items():
@@ -291,15 +292,22 @@ async def fold_page(conn: asyncpg.Connection, fresh: dict[ObjectKey, list[Event]
             known = [c.known_from for c in folded.candidates]
             known_from = min([*known, *([tail.known_from] if tail.known_from else [])],
                              default=None)
-            cache.put(key, part_of[key], _Cached(folded.current, last_instant, first_received,
-                                                 known_from))
-    await write_guarded(conn, outcomes, failed)
+            tails_now[key] = _Cached(folded.current, last_instant, first_received, known_from)
+    refused = await write_guarded(conn, outcomes, failed)
+    if cache is not None:
+        # Only what was written: a refused object is poison, folded again from its start.
+        for key, cached in tails_now.items():
+            if key not in refused:
+                cache.put(key, part_of[key], cached)
+        for key in refused:
+            cache.drop(key)
 
 
 async def write_guarded(conn: asyncpg.Connection, outcomes: list[Outcome],
-                        failed: list[tuple[ObjectKey, str, int]]) -> None:
+                        failed: list[tuple[ObjectKey, str, int]]) -> set[ObjectKey]:
     """Write a page; an object the database refuses becomes poison instead of failing (and
-    so stalling) its partitions. ``failed``: objects whose fold raised."""
+    so stalling) its partitions. ``failed``: objects whose fold raised. Returns the objects
+    the database refused."""
     writer = Writer()
     for out in outcomes:
         writer.add(out)
@@ -308,13 +316,14 @@ async def write_guarded(conn: asyncpg.Connection, outcomes: list[Outcome],
     try:
         async with conn.transaction():  # a savepoint inside the page's transaction
             await writer.write(conn)
-        return
+        return set()
     except asyncpg.PostgresError as exc:
         if is_unavailable(exc):
             raise
         log.warning("page write refused, writing object by object",
                     extra={"sqlstate": exc.sqlstate})
     refused = Writer()
+    keys: set[ObjectKey] = set()
     for key, reason, position in failed:
         refused.poisoned(key, reason, position)
     for out in outcomes:
@@ -328,7 +337,9 @@ async def write_guarded(conn: asyncpg.Connection, outcomes: list[Outcome],
                 raise
             last = max((c.position for c in out.folded.candidates), default=0)
             refused.poisoned(out.key, f"database refused the fold: {exc.sqlstate} {exc}", last)
+            keys.add(out.key)
     await refused.write(conn)
+    return keys
 
 
 def _poison(failed: list[tuple[ObjectKey, str, int]], key: ObjectKey, exc: Exception,
