@@ -21,6 +21,7 @@ from its own instant onward, starting from the version in force just before it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -168,6 +169,7 @@ def same_value(a: Any, b: Any) -> bool:
 # One event's candidates
 
 
+@functools.lru_cache(maxsize=None)
 def _created_kinds(resource: Resource) -> frozenset[str]:
     # `order.created` counts, `order.shipment.created` does not (its data is the whole order,
     # but its created_date is the order's, not the time of this state).
