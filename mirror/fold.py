@@ -21,7 +21,6 @@ from its own instant onward, starting from the version in force just before it.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -169,11 +168,17 @@ def same_value(a: Any, b: Any) -> bool:
 # One event's candidates
 
 
-@functools.lru_cache(maxsize=None)
+_CREATED: dict[str, frozenset[str]] = {}
+
+
 def _created_kinds(resource: Resource) -> frozenset[str]:
     # `order.created` counts, `order.shipment.created` does not (its data is the whole order,
     # but its created_date is the order's, not the time of this state).
-    return frozenset(k for k in resource.events if k.endswith(".created") and k.count(".") == 1)
+    found = _CREATED.get(resource.name)
+    if found is None:
+        found = _CREATED[resource.name] = frozenset(
+            k for k in resource.events if k.endswith(".created") and k.count(".") == 1)
+    return found
 
 
 def sent_time(event: Event) -> datetime:
