@@ -74,14 +74,15 @@ CROSS JOIN LATERAL (
     ORDER BY e.txid, e.position
     LIMIT c.lim) e
 """
-# The partitions of this page, locked for its transaction; with an owner, only those it
-# still holds (a lease taken over since is not this worker's to advance).
-CLAIM_PAGE_SQL = """
+# The checkpoints of this worker's partitions (with an owner, only those it still holds).
+CHECKPOINTS_SQL = """
 SELECT part, last_txid, last_position FROM mirror.checkpoints
 WHERE part = ANY($1::smallint[]) AND ($2::text IS NULL OR owner = $2)
-ORDER BY part
-FOR UPDATE
 """
+# The partitions that have events this page, locked until it commits: only those, so an idle
+# poll writes nothing, and two workers only ever wait for each other on a partition both
+# think they hold. Locked in one order: no deadlocks.
+LOCK_SQL = CHECKPOINTS_SQL + "ORDER BY part FOR UPDATE\n"
 ADVANCE_SQL = """
 UPDATE mirror.checkpoints c SET last_txid = u.txid, last_position = u.pos, updated_at = now()
 FROM unnest($1::smallint[], $2::xid8[], $3::bigint[], $4::xid8[], $5::bigint[])
@@ -150,7 +151,7 @@ async def project_page(conn: asyncpg.Connection, parts: list[int], *, page_size:
     """Fold the next events of ``parts`` in one transaction; return how many log rows it
     consumed (0: nothing to do, or no partition is this owner's any more)."""
     async with conn.transaction():
-        held = await conn.fetch(CLAIM_PAGE_SQL, parts, owner)
+        held = await conn.fetch(CHECKPOINTS_SQL, parts, owner)
         if not held:
             return 0
         per_part = max(page_size // len(held), 16)
@@ -158,6 +159,15 @@ async def project_page(conn: asyncpg.Connection, parts: list[int], *, page_size:
         rows = await conn.fetch(FETCH_SQL, [r["part"] for r in held],
                                 [r["last_txid"] for r in held],
                                 [r["last_position"] for r in held], lim)
+        if not rows:
+            return 0
+        read = {r["part"]: (r["last_txid"], r["last_position"]) for r in held}
+        locked = await conn.fetch(LOCK_SQL, sorted({r["part"] for r in rows}), owner)
+        # A partition another worker advanced (or took over) since it was read is left for
+        # the next page.
+        mine = {r["part"] for r in locked if read[r["part"]] == (r["last_txid"],
+                                                                 r["last_position"])}
+        rows = [r for r in rows if r["part"] in mine]
         if not rows:
             return 0
         last: dict[int, tuple[Any, int]] = {}
@@ -174,7 +184,7 @@ async def project_page(conn: asyncpg.Connection, parts: list[int], *, page_size:
             scale = min(1.0, page_size / max(sum(wanted.values()), 1))
             for part, n in wanted.items():
                 limits[part] = max(int(n * scale), 16)
-        old = {r["part"]: (r["last_txid"], r["last_position"]) for r in held}
+        old = {part: read[part] for part in mine}
         if cache is not None:
             for part, checkpoint in old.items():
                 cache.check(part, (int(checkpoint[0]), checkpoint[1]))
