@@ -57,17 +57,6 @@ $$;
 --    then the id's text. Exactly what the fold (mirror/fold.py) decides with only those events,
 --    so no later delivery can change the answer. Two index probes.
 -- A plain SQL function, so the planner inlines it and EXPLAIN shows the real plan.
-DROP FUNCTION IF EXISTS mirror.version_at(text, text, text, timestamptz, timestamptz);
-CREATE OR REPLACE FUNCTION mirror.version_at(resource text, connection_id text, id text,
-                                             at timestamptz, known_at timestamptz DEFAULT NULL)
-RETURNS SETOF mirror.states LANGUAGE sql STABLE AS $$
-    SELECT s.* FROM mirror.states s
-    WHERE $5 IS NULL AND s.connection_id = $2 AND s.resource = $1 AND s.object_id = $3
-      AND s.wins AND s.valid_from <= $4
-    ORDER BY s.valid_from DESC
-    LIMIT 1
-$$;
-
 CREATE OR REPLACE FUNCTION mirror.candidate_at(resource text, connection_id text, id text,
                                                at timestamptz, known_at timestamptz)
 RETURNS SETOF mirror.states LANGUAGE sql STABLE AS $$
@@ -85,8 +74,21 @@ RETURNS SETOF mirror.states LANGUAGE sql STABLE AS $$
                    AND b.valid_from = s.valid_from AND b.known_from <= $5
                    AND NOT b.derived AND NOT b.deleted
                    AND b.prev_hash = s.state_hash AND b.state_hash <> s.state_hash) DESC,
-             s.sent_at DESC, s.event_id COLLATE "C" DESC
+             s.sent_at DESC, s.event_id DESC
     LIMIT 1
+$$;
+
+DROP FUNCTION IF EXISTS mirror.version_at(text, text, text, timestamptz, timestamptz);
+CREATE OR REPLACE FUNCTION mirror.version_at(resource text, connection_id text, id text,
+                                             at timestamptz, known_at timestamptz DEFAULT NULL)
+RETURNS SETOF mirror.states LANGUAGE sql STABLE AS $$
+    (SELECT s.* FROM mirror.states s
+     WHERE $5 IS NULL AND s.connection_id = $2 AND s.resource = $1 AND s.object_id = $3
+       AND s.wins AND s.valid_from <= $4
+     ORDER BY s.valid_from DESC
+     LIMIT 1)
+    UNION ALL
+    SELECT * FROM mirror.candidate_at($1, $2, $3, $4, $5) WHERE $5 IS NOT NULL
 $$;
 
 -- A connection is merged from its events, each carrying a part of it (projections/
@@ -173,13 +175,8 @@ BEGIN
     IF r = 'connection' THEN
         RETURN mirror.merged_as_of(r, c, object_as_of.id, object_as_of.at, object_as_of.known_at);
     END IF;
-    IF object_as_of.known_at IS NULL THEN
-        SELECT mirror.state_data(v) INTO result
-        FROM mirror.version_at(r, c, object_as_of.id, object_as_of.at) v;
-    ELSE
-        SELECT mirror.state_data(v) INTO result
-        FROM mirror.candidate_at(r, c, object_as_of.id, object_as_of.at, object_as_of.known_at) v;
-    END IF;
+    SELECT mirror.state_data(v) INTO result
+    FROM mirror.version_at(r, c, object_as_of.id, object_as_of.at, object_as_of.known_at) v;
     RETURN result;
 END;
 $$;
