@@ -249,6 +249,8 @@ def candidates_of(resource: Resource, event: Event) -> tuple[list[Candidate], li
 
 
 def _value_at(doc: Any, dotted: str) -> Any:
+    if "." not in dotted:
+        return doc.get(dotted) if isinstance(doc, dict) else None
     node = doc
     for segment in paths.resolve(doc, dotted):
         if isinstance(node, dict) and isinstance(segment, str):
