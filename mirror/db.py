@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
-from pathlib import Path
+from importlib.resources import files
 from typing import Any, TypeVar
 
 import asyncpg
@@ -25,8 +25,9 @@ from mirror.settings import single_host_url, url_hosts
 from projections import registry
 from projections.base import Column, Resource
 
-SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schema.sql"
-HISTORY_FILE = Path(__file__).resolve().parent / "history.sql"
+# Both ship inside the package (package data), so an installed wheel migrates too.
+SCHEMA_FILE = files("mirror") / "schema.sql"
+HISTORY_FILE = files("mirror") / "history.sql"
 _MIGRATE_LOCK = 7_205_001  # advisory lock key: one migration at a time
 # The projection engine's generation. When the stored one differs, `migrate` drops what the
 # projections built (never the log, never reconcile's drift anomalies) and re-partitions the
@@ -168,8 +169,7 @@ async def migrate(conn: asyncpg.Connection) -> None:
         for statement in ddl:
             await conn.execute(statement)
         # Functions that read the registry-made relations come last.
-        history_sql = HISTORY_FILE
-        await conn.execute(history_sql.read_text())
+        await conn.execute(HISTORY_FILE.read_text())
         await conn.executemany(
             "INSERT INTO mirror.resources (name, table_name) VALUES ($1, $2) "
             "ON CONFLICT (name) DO UPDATE SET table_name = EXCLUDED.table_name",

@@ -1,6 +1,6 @@
 """The history explorer over HTTP (CONTRACT §11): the page at ``/ui/`` and the JSON it reads.
 
-- ``GET /ui/`` and ``GET /ui/{asset}``: the static files shipped in ``mirror/ui/`` (a fixed
+- ``GET /ui/`` and ``GET /ui/{asset}``: the static files shipped in ``mirror/static/`` (a fixed
   list read once at start, so no request names a file on disk). They hold no data and need no
   token; the page asks for the token once per browser session and sends it as a bearer header.
 - ``GET /explore/resources``, ``/explore/search``, ``/explore/timeline``, ``/explore/state``,
@@ -26,7 +26,7 @@ from mirror.keys import POOL, SETTINGS
 from projections import registry
 from projections.base import parse_time
 
-ASSET_DIR = Path(__file__).resolve().parent / "ui"
+ASSET_DIR = Path(__file__).resolve().parent / "static"
 _TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
           ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml"}
 # Everything the page needs comes from this origin; nothing is framed, nothing inline.
