@@ -8,8 +8,9 @@ from typing import Any
 
 from aiohttp import web
 
-from mirror import api, ingress, ui
+from mirror import ingress, read_api, ui
 from mirror.db import Reader, create_pool
+from mirror.eventlog import Appender
 from mirror.keys import (
     APPENDER,
     COMPLETION,
@@ -20,7 +21,6 @@ from mirror.keys import (
     SETTINGS,
     VERIFIER,
 )
-from mirror.log import Appender
 from mirror.metrics import Metrics
 from mirror.projector import Projector
 from mirror.settings import Settings
@@ -115,6 +115,6 @@ def create_app(settings: Settings, *, project: bool = True,
     app.router.add_get("/healthz", ingress.healthz, expect_handler=expect)
     app.router.add_get("/readyz", ingress.readyz, expect_handler=expect)
     app.router.add_get("/metrics", ingress.metrics_endpoint, expect_handler=expect)
-    api.add_routes(app)
+    read_api.add_routes(app)
     ui.add_routes(app)
     return app

@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mirror import logs
+from mirror import logging_setup
 from mirror.db import connect, connect_for_reading, migrate, replica_lag
 from mirror.errors import DatabaseUnavailable, MirrorError
 from mirror.settings import Settings, ensure_local_secrets, masked_url, primary_url
@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mirror` command."""
-    logs.setup(os.environ.get("MIRROR_LOG_LEVEL", "INFO"))
+    logging_setup.setup(os.environ.get("MIRROR_LOG_LEVEL", "INFO"))
     args = build_parser().parse_args(argv)
     if getattr(args, "url", "unset") is None:
         host = os.environ.get("MIRROR_HOST", "127.0.0.1")

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from mirror.envelope import dumps, loads
 from mirror.errors import DatabaseUnavailable
+from mirror.parsing import dumps, loads
 from mirror.settings import single_host_url, url_hosts
 from projections import registry
 from projections.base import Column, Resource

@@ -15,11 +15,11 @@ from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mirror import envelope
+from mirror import parsing
 from mirror.db import explain, probe_hosts
 from mirror.errors import DatabaseUnavailable, VerificationFailed
+from mirror.eventlog import Record
 from mirror.keys import APPENDER, METRICS, POOL, READER, SETTINGS, VERIFIER
-from mirror.log import Record
 from mirror.progress import live_workers, projection_lag, refresh_gauges
 from mirror.trackstar import completion
 
@@ -29,7 +29,7 @@ log = logging.getLogger("mirror.ingress")
 def json_answer(body: object, status: int = 200,
                 headers: dict[str, str] | None = None) -> web.Response:
     """A JSON answer, rendered by orjson (the stdlib encoder showed in the ingress profile)."""
-    return web.json_response(body, status=status, headers=headers, dumps=envelope.dumps)
+    return web.json_response(body, status=status, headers=headers, dumps=parsing.dumps)
 
 
 def reason(status: int, text: str, **headers: str) -> web.Response:
@@ -169,7 +169,7 @@ async def webhook(request: web.Request) -> web.Response:
         metrics.verification_failures.labels(str(exc)).inc()
         log_refusal(str(exc), request.remote)
         return reason(401, str(exc))
-    parsed = envelope.parse(body)
+    parsed = parsing.parse(body)
     record = Record(delivery.message_id, received_at, delivery.timestamp, "webhook", parsed)
     try:
         new = await app[APPENDER].append(record)

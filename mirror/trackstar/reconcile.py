@@ -36,7 +36,7 @@ import orjson
 
 from mirror import paths
 from mirror.db import json_text
-from mirror.log import Record, insert_records
+from mirror.eventlog import Record, insert_records
 from mirror.trackstar.client import (
     MAX_PAGE_SIZE,
     AuthFailed,
