@@ -1,14 +1,15 @@
-"""The aiohttp application factory: routes, and the pool, appender and workers as contexts."""
+"""The aiohttp application factory: every route, the middlewares, and the pool, appender and
+workers as contexts."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from mirror import ingress, read_api, ui
+from mirror import ingress, middleware, ops, read_api, ui
 from mirror.db import Reader, create_pool
 from mirror.eventlog import Appender
 from mirror.keys import (
@@ -28,6 +29,8 @@ from mirror.supervise import ProjectorProcess
 from mirror.trackstar.client import ApiSettings
 from mirror.trackstar.completion import CompletionWorker
 from mirror.verify import Verifier
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 # Svix sends a handful of short headers; anything near these limits is not a webhook.
 MAX_LINE_SIZE = 8190      # request line and each header line, in bytes
@@ -65,7 +68,8 @@ def create_app(settings: Settings, *, project: bool = True,
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, ingress.MalformedRequestFilter) for f in server_log.filters):
         server_log.addFilter(ingress.MalformedRequestFilter())
-    app = web.Application(client_max_size=settings.max_body_bytes + 1)
+    app = web.Application(client_max_size=settings.max_body_bytes + 1,
+                          middlewares=[middleware.errors, middleware.bearer_auth])
     app[SETTINGS] = settings
     app[VERIFIER] = Verifier(settings.webhook_secrets)
     app[METRICS] = Metrics()
@@ -93,10 +97,10 @@ def create_app(settings: Settings, *, project: bool = True,
                                   poll_interval=settings.poll_interval, metrics=app[METRICS])
             projector.start()
             app[PROJECTOR] = projector
-        api = ApiSettings.for_service(settings) if complete else None
+        trackstar_api = ApiSettings.for_service(settings) if complete else None
         completer = None
-        if api is not None:
-            completer = CompletionWorker(pool, api, metrics=app[METRICS])
+        if trackstar_api is not None:
+            completer = CompletionWorker(pool, trackstar_api, metrics=app[METRICS])
             completer.start()
             app[COMPLETION] = completer
         yield
@@ -109,12 +113,47 @@ def create_app(settings: Settings, *, project: bool = True,
         await pool.close()
 
     app.cleanup_ctx.append(database)
-    expect = ingress.expect_handler
-    app.router.add_post("/webhooks", ingress.webhook, expect_handler=expect)
-    app.router.add_route("*", "/webhooks", ingress.wrong_method, expect_handler=expect)
-    app.router.add_get("/healthz", ingress.healthz, expect_handler=expect)
-    app.router.add_get("/readyz", ingress.readyz, expect_handler=expect)
-    app.router.add_get("/metrics", ingress.metrics_endpoint, expect_handler=expect)
-    read_api.add_routes(app)
-    ui.add_routes(app)
+    add_routes(app)
     return app
+
+
+def add_routes(app: web.Application) -> None:
+    """Every route of the service; the read API and the explorer's JSON need the bearer token.
+
+    An object id is percent-encoded in the path (a connection error's id is a URL). aiohttp
+    routes on the path with ``%2F`` (and ``%25``) still encoded and decodes each matched part
+    once, so ``/objects/connection-error/https%3A%2F%2Fwms%2Fa%3Fb/history`` is the history of
+    ``https://wms/a?b``. ``{id:.+}`` also takes an id whose ``/`` a client did not encode; the
+    history route is tried first, so such an id must not end in ``/history``.
+    """
+    ui.assets()  # read the explorer's files now: a broken install fails at start
+    public: list[tuple[str, str, Handler]] = [
+        ("POST", "/webhooks", ingress.webhook),
+        ("*", "/webhooks", ingress.wrong_method),
+        ("GET", "/healthz", ops.healthz),
+        ("GET", "/readyz", ops.readyz),
+        ("GET", "/metrics", ops.metrics_endpoint),
+        ("GET", "/ui", ui.to_page),
+        ("GET", "/ui/", ui.page),
+        ("GET", "/ui/{asset}", ui.page),
+    ]
+    with_token: list[tuple[str, str, Handler]] = [
+        ("GET", "/objects/{resource}/{id:.+}/history", read_api.get_history),
+        ("GET", "/objects/{resource}/{id:.+}", read_api.get_object),
+        ("GET", "/explore/resources", ui.resources),
+        ("GET", "/explore/search", ui.search),
+        ("GET", "/explore/timeline", ui.timeline),
+        ("GET", "/explore/state", ui.state),
+        ("GET", "/explore/overview", ui.overview),
+    ]
+    for method, path, handler in public:
+        _add(app, method, path, handler)
+    # By resource, so that HEAD (added beside every GET) needs the token too.
+    routes = [_add(app, method, path, handler) for method, path, handler in with_token]
+    app[middleware.TOKEN_RESOURCES] = {r.resource for r in routes if r.resource is not None}
+
+
+def _add(app: web.Application, method: str, path: str, handler: Handler) -> web.AbstractRoute:
+    if method == "GET":  # and HEAD
+        return app.router.add_get(path, handler, expect_handler=middleware.expect_handler)
+    return app.router.add_route(method, path, handler, expect_handler=middleware.expect_handler)
