@@ -72,7 +72,7 @@ def create_app(settings: Settings, *, project: bool = True,
                           middlewares=[middleware.errors, middleware.bearer_auth])
     app[SETTINGS] = settings
     app[VERIFIER] = Verifier(settings.webhook_secrets)
-    app[METRICS] = Metrics()
+    app[METRICS] = Metrics(multiprocess=settings.metrics_dir is not None)
 
     async def database(app: web.Application) -> AsyncIterator[None]:
         pool = await create_pool(settings.database_url, max_size=10, timeout=settings.db_timeout)
