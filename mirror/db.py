@@ -1,9 +1,12 @@
-"""The database edge: pools, migrations and the translation of asyncpg errors.
+"""The database edge: pools and connections, the migration, and the translation of asyncpg's
+connectivity failures into DatabaseUnavailable.
 
-Only the modules that own the database (log, projector, history, status) run SQL, through the
-pool made here. This module also knows where each kind of work goes: writes to the primary
-(found again on every reconnect when DATABASE_URL names several hosts), reads to the read
-replica when one is configured and reachable.
+Only the modules that own SQL run it, through the pools and connections made here: the event log
+(eventlog), the projection (store, projector, progress, rebuild), the point-in-time reads
+(history, explore), status, and the Trackstar runners' bookkeeping (trackstar/). This module also
+knows where each kind of work goes: writes to the primary (found again on every reconnect when
+DATABASE_URL names several hosts), reads to the read replica when one is configured and
+reachable.
 """
 
 from __future__ import annotations

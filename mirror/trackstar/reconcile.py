@@ -8,10 +8,10 @@ state differs (``differs``, by dotted path, as mirror.paths.changes writes them)
 ``--repair`` appends the API's state as a snapshot event (origin ``reconcile``, routed as
 ``<resource>.updated``, exactly like a backfill snapshot) for every object missing here and every
 differing object whose API state is not older than the mirror's: the mirror never goes back in
-time because a list was stale (a newer webhook wins, as CONTRACT §5 says). A repair's event id
-is ``reconcile_`` + a KSUID carrying the time of the reconciliation; when the API state has the
-same ``updated_date`` as the mirror's (a change the WMS made without touching it), the repair,
-appended last, wins the tie by log order (CONTRACT §5).
+time because a list was stale (a newer webhook wins; the README's "How time and order work").
+A repair's event id is ``reconcile_`` + a KSUID carrying the time of the reconciliation; when the
+API state has the same ``updated_date`` as the mirror's (a change the WMS made without touching
+it), the repair, appended last, wins the tie by log order.
 
 An object missing there gets a deletion event (``<resource>.deleted``, origin ``reconcile``,
 ``deleted_date`` = when reconcile ran) only when the resource's listing was complete and

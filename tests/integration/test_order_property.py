@@ -1,5 +1,5 @@
 """Property: any delivery order, any duplication and any batching of the same events give the
-same relations (CONTRACT §5: history is a function of the set of events)."""
+same relations (README, "How time and order work": history is a function of the set of events)."""
 
 from __future__ import annotations
 

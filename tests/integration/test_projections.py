@@ -1,4 +1,4 @@
-"""Projections against a real PostgreSQL: current state, versions, changes, the rules of §5."""
+"""Projections against a real PostgreSQL: current state, versions, changes, the rules of the README's "How time and order work"."""
 
 from __future__ import annotations
 
