@@ -127,30 +127,31 @@ def add_routes(app: web.Application) -> None:
     history route is tried first, so such an id must not end in ``/history``.
     """
     ui.assets()  # read the explorer's files now: a broken install fails at start
-    public: list[tuple[str, str, Handler]] = [
-        ("POST", "/webhooks", ingress.webhook),
-        ("*", "/webhooks", ingress.wrong_method),
-        ("GET", "/healthz", ops.healthz),
-        ("GET", "/readyz", ops.readyz),
-        ("GET", "/metrics", ops.metrics_endpoint),
-        ("GET", "/ui", ui.to_page),
-        ("GET", "/ui/", ui.page),
-        ("GET", "/ui/{asset}", ui.page),
+    open_, token = False, True
+    routes: list[tuple[str, str, Handler, bool]] = [
+        ("POST", "/webhooks", ingress.webhook, open_),
+        ("*", "/webhooks", ingress.wrong_method, open_),
+        ("GET", "/healthz", ops.healthz, open_),
+        ("GET", "/readyz", ops.readyz, open_),
+        ("GET", "/metrics", ops.metrics_endpoint, open_),
+        ("GET", "/objects/{resource}/{id:.+}/history", read_api.get_history, token),
+        ("GET", "/objects/{resource}/{id:.+}", read_api.get_object, token),
+        ("GET", "/ui", ui.to_page, open_),
+        ("GET", "/ui/", ui.page, open_),
+        ("GET", "/ui/{asset}", ui.page, open_),
+        ("GET", "/explore/resources", ui.resources, token),
+        ("GET", "/explore/search", ui.search, token),
+        ("GET", "/explore/timeline", ui.timeline, token),
+        ("GET", "/explore/state", ui.state, token),
+        ("GET", "/explore/overview", ui.overview, token),
     ]
-    with_token: list[tuple[str, str, Handler]] = [
-        ("GET", "/objects/{resource}/{id:.+}/history", read_api.get_history),
-        ("GET", "/objects/{resource}/{id:.+}", read_api.get_object),
-        ("GET", "/explore/resources", ui.resources),
-        ("GET", "/explore/search", ui.search),
-        ("GET", "/explore/timeline", ui.timeline),
-        ("GET", "/explore/state", ui.state),
-        ("GET", "/explore/overview", ui.overview),
-    ]
-    for method, path, handler in public:
-        _add(app, method, path, handler)
-    # By resource, so that HEAD (added beside every GET) needs the token too.
-    routes = [_add(app, method, path, handler) for method, path, handler in with_token]
-    app[middleware.TOKEN_RESOURCES] = {r.resource for r in routes if r.resource is not None}
+    protected: set[web.AbstractResource] = set()
+    for method, path, handler, needs_token in routes:
+        route = _add(app, method, path, handler)
+        # By resource (the path, every method), so HEAD, added beside every GET, needs it too.
+        if needs_token and route.resource is not None:
+            protected.add(route.resource)
+    app[middleware.TOKEN_RESOURCES] = protected
 
 
 def _add(app: web.Application, method: str, path: str, handler: Handler) -> web.AbstractRoute:

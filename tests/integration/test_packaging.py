@@ -4,20 +4,18 @@ only a real wheel shows that the schema and the explorer's page ship inside the 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import site
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from tests.conftest import _admin, with_database
+from tests.conftest import fresh_database
 
 ROOT = Path(__file__).resolve().parents[2]
 # Everything but what a clean clone would not have.
@@ -28,12 +26,8 @@ _NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", ".data", "build", "*.egg-i
 @pytest.fixture
 def empty_database(server_url: str) -> Iterator[str]:
     """A database with nothing in it (not cloned from the migrated template)."""
-    name = f"mirror_wheel_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
-    try:
-        yield with_database(server_url, name)
-    finally:
-        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with fresh_database(server_url, None) as url:
+        yield url
 
 
 def _run(*args: str | Path, cwd: Path, env: dict[str, str] | None = None,
