@@ -12,7 +12,7 @@ from aiohttp import web
 
 from mirror.app import create_app
 from mirror.keys import APPENDER
-from mirror.log import Record
+from mirror.eventlog import Record
 from mirror.settings import Settings
 
 

@@ -20,9 +20,9 @@ import orjson
 
 from bench.load import percentile
 from bench.workload import T0, generate
-from mirror import envelope
+from mirror import parsing
 from mirror.db import init_connection, migrate
-from mirror.log import Record, insert_records
+from mirror.eventlog import Record, insert_records
 from mirror.progress import PARTITIONS
 from mirror.projector import project_page
 from mirror.rebuild import rebuild
@@ -54,7 +54,7 @@ def _stream(total: int) -> list[Record]:
             body = d.body.replace('"conn_bench"', f'"conn_bench_{k}"')
             msg = d.msg_id[:-2] + f"{k:02d}"
             out.append(Record(msg, received, received, "webhook",
-                              envelope.parse(body.encode())))
+                              parsing.parse(body.encode())))
             if len(out) == total:
                 return out
     return out
@@ -129,7 +129,7 @@ async def _as_of(dsn: str) -> dict[str, Any]:
                 body = orjson.dumps({"connection_id": "conn_deep", "event_type":
                                      "inventory.updated", "data": data})
                 records.append(Record(f"msg_deep_{depth}_{v}", at, at, "webhook",
-                                      envelope.parse(body)))
+                                      parsing.parse(body)))
             for start in range(0, len(records), 5000):
                 await insert_records(conn, records[start : start + 5000])
         while True:

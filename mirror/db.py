@@ -1,9 +1,12 @@
-"""The database edge: pools, migrations and the translation of asyncpg errors.
+"""The database edge: pools and connections, the migration, and the translation of asyncpg's
+connectivity failures into DatabaseUnavailable.
 
-Only the modules that own the database (log, projector, history, status) run SQL, through the
-pool made here. This module also knows where each kind of work goes: writes to the primary
-(found again on every reconnect when DATABASE_URL names several hosts), reads to the read
-replica when one is configured and reachable.
+Only the modules that own SQL run it, through the pools and connections made here: the event log
+(eventlog), the projection (store, projector, progress, rebuild), the point-in-time reads
+(history, explore), status, and the Trackstar runners' bookkeeping (trackstar/). This module also
+knows where each kind of work goes: writes to the primary (found again on every reconnect when
+DATABASE_URL names several hosts), reads to the read replica when one is configured and
+reachable.
 """
 
 from __future__ import annotations
@@ -14,19 +17,20 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
-from pathlib import Path
+from importlib.resources import files
 from typing import Any, TypeVar
 
 import asyncpg
 
-from mirror.envelope import dumps, loads
 from mirror.errors import DatabaseUnavailable
+from mirror.parsing import dumps, loads
 from mirror.settings import single_host_url, url_hosts
 from projections import registry
 from projections.base import Column, Resource
 
-SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schema.sql"
-HISTORY_FILE = Path(__file__).resolve().parent / "history.sql"
+# Both ship inside the package (package data), so an installed wheel migrates too.
+SCHEMA_FILE = files("mirror") / "schema.sql"
+HISTORY_FILE = files("mirror") / "history.sql"
 _MIGRATE_LOCK = 7_205_001  # advisory lock key: one migration at a time
 # The projection engine's generation. When the stored one differs, `migrate` drops what the
 # projections built (never the log, never reconcile's drift anomalies) and re-partitions the
@@ -167,8 +171,7 @@ async def migrate(conn: asyncpg.Connection) -> None:
         for statement in ddl:
             await conn.execute(statement)
         # Functions that read the registry-made relations come last.
-        history_sql = HISTORY_FILE
-        await conn.execute(history_sql.read_text())
+        await conn.execute(HISTORY_FILE.read_text())
         await conn.executemany(
             "INSERT INTO mirror.resources (name, table_name) VALUES ($1, $2) "
             "ON CONFLICT (name) DO UPDATE SET table_name = EXCLUDED.table_name",

@@ -1,12 +1,6 @@
 -- Point-in-time reconstruction: the SQL interface of CONTRACT §6.
 -- Applied by `mirror migrate` after schema.sql and the registry's relations.
 
--- The resources the registry knows, filled by `mirror migrate`.
-CREATE TABLE IF NOT EXISTS mirror.resources (
-    name       text PRIMARY KEY,
-    table_name text NOT NULL
-);
-
 -- 'inbound-shipment', 'Inbound_Shipment' -> 'inbound_shipment'; unknown names raise.
 CREATE OR REPLACE FUNCTION mirror.canonical_resource(name text) RETURNS text
 LANGUAGE plpgsql STABLE AS $$

@@ -1,4 +1,4 @@
-"""Projections against a real PostgreSQL: current state, versions, changes, the rules of §5."""
+"""Projections against a real PostgreSQL: current state, versions, changes, the rules of the README's "How time and order work"."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import asyncpg
 import pytest
 
 from mirror.db import init_connection
+from mirror.eventlog import insert_records
 from mirror.keys import SETTINGS
-from mirror.log import insert_records
 from mirror.progress import PARTITIONS
 from mirror.projector import project_page
 from mirror.rebuild import rebuild
