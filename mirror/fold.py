@@ -1,10 +1,10 @@
 """The fold: one object's events in, its timeline out. Pure, no I/O.
 
-CONTRACT §5 in code. Every event yields its *candidates* on its own, whatever else exists:
-the state it carries (or its deletion), placed at the object's own time, and — for an update
-whose ``previous_attributes`` carry an earlier ``updated_date`` — the state it reveals, placed
-at that time. The fold then walks the instants in time order and decides each one by the set
-of candidates at it alone:
+The README's "How time and order work", in code. Every event yields its *candidates* on its
+own, whatever else exists: the state it carries (or its deletion), placed at the object's own
+time, and — for an update whose ``previous_attributes`` carry an earlier ``updated_date`` —
+the state it reveals, placed at that time. The fold then walks the instants in time order and
+decides each one by the set of candidates at it alone:
 
     deletion > received > derived; among received, a state that another one at the same
     instant reveals as its predecessor comes first; then the svix-id time (for snapshots, the

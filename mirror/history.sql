@@ -1,4 +1,4 @@
--- Point-in-time reconstruction: the SQL interface of CONTRACT §6.
+-- Point-in-time reconstruction in SQL (the README's SQL cheat-sheet and "How time and order work").
 -- Applied by `mirror migrate` after schema.sql and the registry's relations.
 
 -- 'inbound-shipment', 'Inbound_Shipment' -> 'inbound_shipment'; unknown names raise.
@@ -43,7 +43,7 @@ BEGIN
 END;
 $$;
 
--- The candidate that holds at `at` (as known at known_at), CONTRACT §5/§6:
+-- The candidate that holds at `at` (as known at known_at):
 --  * without known_at, the latest winning state at or before `at`: one index probe;
 --  * with known_at, the latest instant at or before `at` among the candidates received by
 --    then, decided among those alone: a deletion beats data, received beats derived, a state

@@ -150,8 +150,8 @@ CREATE TABLE IF NOT EXISTS mirror.objects (
 );
 CREATE INDEX IF NOT EXISTS objects_id ON mirror.objects (resource, object_id);
 
--- Every candidate state of every object (CONTRACT §5/§6): the state each event carries (or its
--- deletion) and the state each update reveals, at its own valid time, with the time the mirror
+-- Every candidate state of every object (the README's "How time and order work"): the state
+-- each event carries (or its deletion) and the state each update reveals, at its own valid time, with the time the mirror
 -- learnt it (known_from) and what decides ties at one instant (deleted, derived, sent_at,
 -- event_id, and the predecessor the event reveals, prev_hash). An answer "as known at K" is
 -- decided among the candidates with known_from <= K alone (mirror.version_at), so no later
