@@ -11,8 +11,8 @@ import sys
 from aiohttp import web
 
 from mirror.app import create_app
+from mirror.eventlog import Record
 from mirror.keys import APPENDER
-from mirror.log import Record
 from mirror.settings import Settings
 
 

@@ -50,11 +50,15 @@ class Result:
 
 
 async def _one_connection(port: int, queue: list[tuple[int, bytes]], result: Result,
-                          acked: dict[int, float] | None) -> None:
+                          acked: dict[int, float] | None, pace: float | None = None,
+                          origin: float = 0.0) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         while queue:
             index, request = queue.pop()
+            if pace:
+                # A steady rate: request i leaves at origin + i / pace, not as fast as possible.
+                await asyncio.sleep(max(0.0, origin + index / pace - time.perf_counter()))
             started = time.perf_counter()
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
@@ -92,9 +96,11 @@ async def _watch_visibility(dsn: str, ids: dict[int, str], acked: dict[int, floa
                     pending[index] = ids[index]
                     ids.pop(index)
             if pending:
+                # Visible = folded: its partition's checkpoint has passed it.
                 seen = await conn.fetch(
-                    "SELECT event_id FROM mirror.versions WHERE event_id = ANY($1::text[])",
-                    list(pending.values()))
+                    "SELECT e.event_id FROM mirror.events e WHERE e.event_id = ANY($1::text[])"
+                    " AND NOT EXISTS (SELECT 1 FROM mirror.unprojected_events u"
+                    " WHERE u.position = e.position)", list(pending.values()))
                 now = time.time()
                 found = {r["event_id"] for r in seen}
                 for index, event_id in list(pending.items()):
@@ -112,7 +118,8 @@ async def _watch_visibility(dsn: str, ids: dict[int, str], acked: dict[int, floa
 
 
 async def _drive(port: int, requests: list[bytes], concurrency: int,
-                 visibility: tuple[str, dict[int, str]] | None) -> Result:
+                 visibility: tuple[str, dict[int, str]] | None,
+                 pace: float | None = None) -> Result:
     result = Result()
     queue = list(enumerate(requests))[::-1]
     acked: dict[int, float] | None = {} if visibility else None
@@ -123,7 +130,7 @@ async def _drive(port: int, requests: list[bytes], concurrency: int,
                                                         acked, result, stop))
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
-    await asyncio.gather(*(_one_connection(port, queue, result, acked)
+    await asyncio.gather(*(_one_connection(port, queue, result, acked, pace, started)
                            for _ in range(concurrency)))
     result.wall = time.perf_counter() - started
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -135,16 +142,20 @@ async def _drive(port: int, requests: list[bytes], concurrency: int,
 
 
 def _child(port: int, requests: list[bytes], concurrency: int,
-           visibility: tuple[str, dict[int, str]] | None, out: Any) -> None:
-    out.send(asyncio.run(_drive(port, requests, concurrency, visibility)))
+           visibility: tuple[str, dict[int, str]] | None, pace: float | None,
+           out: Any) -> None:
+    out.send(asyncio.run(_drive(port, requests, concurrency, visibility, pace)))
 
 
 def run(port: int, requests: list[bytes], concurrency: int = 64,
-        visibility: tuple[str, dict[int, str]] | None = None) -> Result:
-    """Send every request with ``concurrency`` connections from a separate process."""
+        visibility: tuple[str, dict[int, str]] | None = None,
+        pace: float | None = None) -> Result:
+    """Send every request with ``concurrency`` connections from a separate process; with
+    ``pace``, at that many requests per second."""
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(port, requests, concurrency, visibility, child))
+    proc = ctx.Process(target=_child, args=(port, requests, concurrency, visibility, pace,
+                                            child))
     proc.start()
     result: Result = parent.recv()
     proc.join()

@@ -1,15 +1,17 @@
-"""The aiohttp application factory: routes, and the pool, appender and workers as contexts."""
+"""The aiohttp application factory: every route, the middlewares, and the pool, appender and
+workers as contexts."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from mirror import api, ingress, ui
+from mirror import ingress, middleware, ops, read_api, ui
 from mirror.db import Reader, create_pool
+from mirror.eventlog import Appender
 from mirror.keys import (
     APPENDER,
     COMPLETION,
@@ -20,7 +22,6 @@ from mirror.keys import (
     SETTINGS,
     VERIFIER,
 )
-from mirror.log import Appender
 from mirror.metrics import Metrics
 from mirror.projector import Projector
 from mirror.settings import Settings
@@ -28,6 +29,8 @@ from mirror.supervise import ProjectorProcess
 from mirror.trackstar.client import ApiSettings
 from mirror.trackstar.completion import CompletionWorker
 from mirror.verify import Verifier
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 # Svix sends a handful of short headers; anything near these limits is not a webhook.
 MAX_LINE_SIZE = 8190      # request line and each header line, in bytes
@@ -65,10 +68,11 @@ def create_app(settings: Settings, *, project: bool = True,
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, ingress.MalformedRequestFilter) for f in server_log.filters):
         server_log.addFilter(ingress.MalformedRequestFilter())
-    app = web.Application(client_max_size=settings.max_body_bytes + 1)
+    app = web.Application(client_max_size=settings.max_body_bytes + 1,
+                          middlewares=[middleware.errors, middleware.bearer_auth])
     app[SETTINGS] = settings
     app[VERIFIER] = Verifier(settings.webhook_secrets)
-    app[METRICS] = Metrics()
+    app[METRICS] = Metrics(multiprocess=settings.metrics_dir is not None)
 
     async def database(app: web.Application) -> AsyncIterator[None]:
         pool = await create_pool(settings.database_url, max_size=10, timeout=settings.db_timeout)
@@ -93,10 +97,10 @@ def create_app(settings: Settings, *, project: bool = True,
                                   poll_interval=settings.poll_interval, metrics=app[METRICS])
             projector.start()
             app[PROJECTOR] = projector
-        api = ApiSettings.for_service(settings) if complete else None
+        trackstar_api = ApiSettings.for_service(settings) if complete else None
         completer = None
-        if api is not None:
-            completer = CompletionWorker(pool, api, metrics=app[METRICS])
+        if trackstar_api is not None:
+            completer = CompletionWorker(pool, trackstar_api, metrics=app[METRICS])
             completer.start()
             app[COMPLETION] = completer
         yield
@@ -109,12 +113,48 @@ def create_app(settings: Settings, *, project: bool = True,
         await pool.close()
 
     app.cleanup_ctx.append(database)
-    expect = ingress.expect_handler
-    app.router.add_post("/webhooks", ingress.webhook, expect_handler=expect)
-    app.router.add_route("*", "/webhooks", ingress.wrong_method, expect_handler=expect)
-    app.router.add_get("/healthz", ingress.healthz, expect_handler=expect)
-    app.router.add_get("/readyz", ingress.readyz, expect_handler=expect)
-    app.router.add_get("/metrics", ingress.metrics_endpoint, expect_handler=expect)
-    api.add_routes(app)
-    ui.add_routes(app)
+    add_routes(app)
     return app
+
+
+def add_routes(app: web.Application) -> None:
+    """Every route of the service; the read API and the explorer's JSON need the bearer token.
+
+    An object id is percent-encoded in the path (a connection error's id is a URL). aiohttp
+    routes on the path with ``%2F`` (and ``%25``) still encoded and decodes each matched part
+    once, so ``/objects/connection-error/https%3A%2F%2Fwms%2Fa%3Fb/history`` is the history of
+    ``https://wms/a?b``. ``{id:.+}`` also takes an id whose ``/`` a client did not encode; the
+    history route is tried first, so such an id must not end in ``/history``.
+    """
+    ui.assets()  # read the explorer's files now: a broken install fails at start
+    open_, token = False, True
+    routes: list[tuple[str, str, Handler, bool]] = [
+        ("POST", "/webhooks", ingress.webhook, open_),
+        ("*", "/webhooks", ingress.wrong_method, open_),
+        ("GET", "/healthz", ops.healthz, open_),
+        ("GET", "/readyz", ops.readyz, open_),
+        ("GET", "/metrics", ops.metrics_endpoint, open_),
+        ("GET", "/objects/{resource}/{id:.+}/history", read_api.get_history, token),
+        ("GET", "/objects/{resource}/{id:.+}", read_api.get_object, token),
+        ("GET", "/ui", ui.to_page, open_),
+        ("GET", "/ui/", ui.page, open_),
+        ("GET", "/ui/{asset}", ui.page, open_),
+        ("GET", "/explore/resources", ui.resources, token),
+        ("GET", "/explore/search", ui.search, token),
+        ("GET", "/explore/timeline", ui.timeline, token),
+        ("GET", "/explore/state", ui.state, token),
+        ("GET", "/explore/overview", ui.overview, token),
+    ]
+    protected: set[web.AbstractResource] = set()
+    for method, path, handler, needs_token in routes:
+        route = _add(app, method, path, handler)
+        # By resource (the path, every method), so HEAD, added beside every GET, needs it too.
+        if needs_token and route.resource is not None:
+            protected.add(route.resource)
+    app[middleware.TOKEN_RESOURCES] = protected
+
+
+def _add(app: web.Application, method: str, path: str, handler: Handler) -> web.AbstractRoute:
+    if method == "GET":  # and HEAD
+        return app.router.add_get(path, handler, expect_handler=middleware.expect_handler)
+    return app.router.add_route(method, path, handler, expect_handler=middleware.expect_handler)

@@ -1,9 +1,12 @@
-"""The database edge: pools, migrations and the translation of asyncpg errors.
+"""The database edge: pools and connections, the migration, and the translation of asyncpg's
+connectivity failures into DatabaseUnavailable.
 
-Only the modules that own the database (log, projector, history, status) run SQL, through the
-pool made here. This module also knows where each kind of work goes: writes to the primary
-(found again on every reconnect when DATABASE_URL names several hosts), reads to the read
-replica when one is configured and reachable.
+Only the modules that own SQL run it, through the pools and connections made here: the event log
+(eventlog), the projection (store, projector, progress, rebuild), the point-in-time reads
+(history, explore), status, and the Trackstar runners' bookkeeping (trackstar/). This module also
+knows where each kind of work goes: writes to the primary (found again on every reconnect when
+DATABASE_URL names several hosts), reads to the read replica when one is configured and
+reachable.
 """
 
 from __future__ import annotations
@@ -14,19 +17,20 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
-from pathlib import Path
+from importlib.resources import files
 from typing import Any, TypeVar
 
 import asyncpg
 
-from mirror.envelope import dumps, loads
 from mirror.errors import DatabaseUnavailable
+from mirror.parsing import dumps, loads
 from mirror.settings import single_host_url, url_hosts
 from projections import registry
 from projections.base import Column, Resource
 
-SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schema.sql"
-HISTORY_FILE = Path(__file__).resolve().parent / "history.sql"
+# Both ship inside the package (package data), so an installed wheel migrates too.
+SCHEMA_FILE = files("mirror") / "schema.sql"
+HISTORY_FILE = files("mirror") / "history.sql"
 _MIGRATE_LOCK = 7_205_001  # advisory lock key: one migration at a time
 # The projection engine's generation. When the stored one differs, `migrate` drops what the
 # projections built (never the log, never reconcile's drift anomalies) and re-partitions the
@@ -130,9 +134,8 @@ def resource_ddl(resource: Resource) -> list[str]:
             PRIMARY KEY (connection_id, id))""",
         f"CREATE INDEX IF NOT EXISTS {table}_id ON mirror.{table} (id)",
         f"CREATE INDEX IF NOT EXISTS {table}_updated ON mirror.{table} (updated_date)",
-        # table_as_of: the versions alive at a time, without reading every version before it.
-        f"CREATE INDEX IF NOT EXISTS states_alive_{resource.name} ON mirror.states USING gist "
-        f"(tstzrange(valid_from, valid_to)) WHERE wins AND resource = '{resource.name}'",
+        # table_as_of: the objects whose current version had begun by a given time.
+        f"CREATE INDEX IF NOT EXISTS {table}_valid_from ON mirror.{table} (valid_from)",
     ]
     out += [s.format(t=table) for s in coldefs(resource.columns)]
     for child in resource.children:
@@ -168,8 +171,7 @@ async def migrate(conn: asyncpg.Connection) -> None:
         for statement in ddl:
             await conn.execute(statement)
         # Functions that read the registry-made relations come last.
-        history_sql = HISTORY_FILE
-        await conn.execute(history_sql.read_text())
+        await conn.execute(HISTORY_FILE.read_text())
         await conn.executemany(
             "INSERT INTO mirror.resources (name, table_name) VALUES ($1, $2) "
             "ON CONFLICT (name) DO UPDATE SET table_name = EXCLUDED.table_name",
@@ -197,12 +199,15 @@ async def _reset_older_engine(conn: asyncpg.Connection) -> None:
     if await conn.fetchval("SELECT to_regclass('mirror.meta') IS NOT NULL") and \
             await conn.fetchval("SELECT value FROM mirror.meta WHERE key = 'engine'") == ENGINE:
         return
-    await conn.execute("DROP VIEW IF EXISTS mirror.versions")
     await conn.execute("CREATE TEMP TABLE anomalies_engine1 ON COMMIT DROP AS "
                        "SELECT * FROM mirror.anomalies WHERE kind = 'drift'")
-    for table in ("versions", "states", "changes", "anomalies", "objects", "poison",
-                  "checkpoints"):
-        await conn.execute(f"DROP TABLE IF EXISTS mirror.{table} CASCADE")
+    for name in ("versions", "changes", "unprojected_events", "states", "anomalies",
+                 "objects", "poison", "checkpoints"):
+        kind = await conn.fetchval(
+            "SELECT relkind FROM pg_class WHERE oid = to_regclass('mirror.' || $1)", name)
+        if kind is not None:
+            what = "VIEW" if kind == b"v" or kind == "v" else "TABLE"
+            await conn.execute(f"DROP {what} IF EXISTS mirror.{name} CASCADE")
     for resource in registry.resources():
         for name in (resource.table, *[c.table for c in resource.children]):
             await conn.execute(f"DROP TABLE IF EXISTS mirror.{name} CASCADE")

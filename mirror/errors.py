@@ -1,7 +1,8 @@
 """The small error vocabulary of the mirror.
 
-Database errors are translated into these at the database edge (mirror/db.py); only
-mirror/ingress.py maps them to HTTP answers.
+Database errors are translated into these at the database edge (mirror/db.py). Over HTTP,
+one middleware (mirror/middleware.py) maps them to statuses; on the command line, `mirror`
+prints the message and exits 2.
 """
 
 
@@ -27,6 +28,14 @@ class NotFound(MirrorError):
 
 class BadRequest(MirrorError):
     """A request parameter is malformed; the message says which."""
+
+
+class UnknownResource(BadRequest):
+    """A resource name the registry does not know (from a URL, a query or the command line)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unknown resource {name[:64]!r}")
+        self.name = name
 
 
 class AmbiguousObject(MirrorError):

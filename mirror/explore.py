@@ -1,5 +1,5 @@
 """The history explorer's reads: search, an object's timeline with its changes and anomalies,
-and the overview figures (CONTRACT §11).
+and the overview figures (README: "History explorer").
 
 Every statement is a constant (the per-resource ones are built once from the registry, whose
 identifiers are checked there); request input only ever travels as a bind parameter. Versions

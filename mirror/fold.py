@@ -1,10 +1,10 @@
 """The fold: one object's events in, its timeline out. Pure, no I/O.
 
-CONTRACT §5 in code. Every event yields its *candidates* on its own, whatever else exists:
-the state it carries (or its deletion), placed at the object's own time, and — for an update
-whose ``previous_attributes`` carry an earlier ``updated_date`` — the state it reveals, placed
-at that time. The fold then walks the instants in time order and decides each one by the set
-of candidates at it alone:
+The README's "How time and order work", in code. Every event yields its *candidates* on its
+own, whatever else exists: the state it carries (or its deletion), placed at the object's own
+time, and — for an update whose ``previous_attributes`` carry an earlier ``updated_date`` —
+the state it reveals, placed at that time. The fold then walks the instants in time order and
+decides each one by the set of candidates at it alone:
 
     deletion > received > derived; among received, a state that another one at the same
     instant reveals as its predecessor comes first; then the svix-id time (for snapshots, the
@@ -89,6 +89,7 @@ class Candidate:
     valid_to: datetime | None = None
     envelope: Mapping[str, Any] | None = None  # for resources that merge partial events
     previous: Mapping[str, Any] | None = None  # a received update's previous_attributes
+    changes: list[tuple[str, Any, Any]] | None = None  # winners: fields changed from before
 
     def rank(self, predecessors: set[bytes]) -> tuple[bool, bool, bool, datetime, str]:
         """The order that decides one instant; the greatest holds (see the module doc)."""
@@ -118,6 +119,7 @@ class Prior:
     event_id: str
     position: int
     derived: bool
+    known_from: datetime | None = None
 
 
 @dataclass
@@ -166,10 +168,17 @@ def same_value(a: Any, b: Any) -> bool:
 # One event's candidates
 
 
+_CREATED: dict[str, frozenset[str]] = {}
+
+
 def _created_kinds(resource: Resource) -> frozenset[str]:
     # `order.created` counts, `order.shipment.created` does not (its data is the whole order,
     # but its created_date is the order's, not the time of this state).
-    return frozenset(k for k in resource.events if k.endswith(".created") and k.count(".") == 1)
+    found = _CREATED.get(resource.name)
+    if found is None:
+        found = _CREATED[resource.name] = frozenset(
+            k for k in resource.events if k.endswith(".created") and k.count(".") == 1)
+    return found
 
 
 def sent_time(event: Event) -> datetime:
@@ -240,6 +249,8 @@ def candidates_of(resource: Resource, event: Event) -> tuple[list[Candidate], li
 
 
 def _value_at(doc: Any, dotted: str) -> Any:
+    if "." not in dotted:
+        return doc.get(dotted) if isinstance(doc, dict) else None
     node = doc
     for segment in paths.resolve(doc, dotted):
         if isinstance(node, dict) and isinstance(segment, str):
@@ -307,6 +318,7 @@ def fold_from(resource: Resource, prior: Prior | None, candidates: Iterable[Cand
         for c in cands:
             c.wins = False
             c.valid_to = None
+            c.changes = None
             if c.derived and any(not r.derived and not r.deleted and r.state_hash == c.state_hash
                                  and r.known_from <= c.known_from for r in cands):
                 continue  # never decides anything: an equal received state is always known
@@ -331,9 +343,9 @@ def fold_from(resource: Resource, prior: Prior | None, candidates: Iterable[Cand
                 _changed_paths(before_data, winner.data),
                 {"after": before.event_id if before is not None else None}))
         if before_data is not None and winner.data is not None:
-            diffs = _changes(before, before_data, winner)
+            winner.changes = _changes(before, before_data, winner)
             changes.extend(Change(instant, p, old, new, winner.event_id, winner.derived)
-                           for p, old, new in diffs)
+                           for p, old, new in winner.changes)
         current = winner
     return Folded(kept, anomalies, changes, prior_valid_to, current)
 

@@ -1,11 +1,5 @@
--- Point-in-time reconstruction: the SQL interface of CONTRACT §6.
+-- Point-in-time reconstruction in SQL (the README's SQL cheat-sheet and "How time and order work").
 -- Applied by `mirror migrate` after schema.sql and the registry's relations.
-
--- The resources the registry knows, filled by `mirror migrate`.
-CREATE TABLE IF NOT EXISTS mirror.resources (
-    name       text PRIMARY KEY,
-    table_name text NOT NULL
-);
 
 -- 'inbound-shipment', 'Inbound_Shipment' -> 'inbound_shipment'; unknown names raise.
 CREATE OR REPLACE FUNCTION mirror.canonical_resource(name text) RETURNS text
@@ -49,7 +43,7 @@ BEGIN
 END;
 $$;
 
--- The candidate that holds at `at` (as known at known_at), CONTRACT §5/§6:
+-- The candidate that holds at `at` (as known at known_at):
 --  * without known_at, the latest winning state at or before `at`: one index probe;
 --  * with known_at, the latest instant at or before `at` among the candidates received by
 --    then, decided among those alone: a deletion beats data, received beats derived, a state
@@ -57,17 +51,6 @@ $$;
 --    then the id's text. Exactly what the fold (mirror/fold.py) decides with only those events,
 --    so no later delivery can change the answer. Two index probes.
 -- A plain SQL function, so the planner inlines it and EXPLAIN shows the real plan.
-DROP FUNCTION IF EXISTS mirror.version_at(text, text, text, timestamptz, timestamptz);
-CREATE OR REPLACE FUNCTION mirror.version_at(resource text, connection_id text, id text,
-                                             at timestamptz, known_at timestamptz DEFAULT NULL)
-RETURNS SETOF mirror.states LANGUAGE sql STABLE AS $$
-    SELECT s.* FROM mirror.states s
-    WHERE $5 IS NULL AND s.connection_id = $2 AND s.resource = $1 AND s.object_id = $3
-      AND s.wins AND s.valid_from <= $4
-    ORDER BY s.valid_from DESC
-    LIMIT 1
-$$;
-
 CREATE OR REPLACE FUNCTION mirror.candidate_at(resource text, connection_id text, id text,
                                                at timestamptz, known_at timestamptz)
 RETURNS SETOF mirror.states LANGUAGE sql STABLE AS $$
@@ -85,8 +68,21 @@ RETURNS SETOF mirror.states LANGUAGE sql STABLE AS $$
                    AND b.valid_from = s.valid_from AND b.known_from <= $5
                    AND NOT b.derived AND NOT b.deleted
                    AND b.prev_hash = s.state_hash AND b.state_hash <> s.state_hash) DESC,
-             s.sent_at DESC, s.event_id COLLATE "C" DESC
+             s.sent_at DESC, s.event_id DESC
     LIMIT 1
+$$;
+
+DROP FUNCTION IF EXISTS mirror.version_at(text, text, text, timestamptz, timestamptz);
+CREATE OR REPLACE FUNCTION mirror.version_at(resource text, connection_id text, id text,
+                                             at timestamptz, known_at timestamptz DEFAULT NULL)
+RETURNS SETOF mirror.states LANGUAGE sql STABLE AS $$
+    (SELECT s.* FROM mirror.states s
+     WHERE $5 IS NULL AND s.connection_id = $2 AND s.resource = $1 AND s.object_id = $3
+       AND s.wins AND s.valid_from <= $4
+     ORDER BY s.valid_from DESC
+     LIMIT 1)
+    UNION ALL
+    SELECT * FROM mirror.candidate_at($1, $2, $3, $4, $5) WHERE $5 IS NOT NULL
 $$;
 
 -- A connection is merged from its events, each carrying a part of it (projections/
@@ -173,13 +169,8 @@ BEGIN
     IF r = 'connection' THEN
         RETURN mirror.merged_as_of(r, c, object_as_of.id, object_as_of.at, object_as_of.known_at);
     END IF;
-    IF object_as_of.known_at IS NULL THEN
-        SELECT mirror.state_data(v) INTO result
-        FROM mirror.version_at(r, c, object_as_of.id, object_as_of.at) v;
-    ELSE
-        SELECT mirror.state_data(v) INTO result
-        FROM mirror.candidate_at(r, c, object_as_of.id, object_as_of.at, object_as_of.known_at) v;
-    END IF;
+    SELECT mirror.state_data(v) INTO result
+    FROM mirror.version_at(r, c, object_as_of.id, object_as_of.at, object_as_of.known_at) v;
     RETURN result;
 END;
 $$;
@@ -204,22 +195,34 @@ END;
 $$;
 
 -- Every object of a resource as it stood at `at` (deleted ones left out). Without known_at it
--- reads only the versions alive at `at` (a GiST index on their validity per resource); with
--- known_at each object is decided among the candidates known by then.
+-- reads one version per object, never the versions before it: an object whose current version
+-- had begun by `at` comes straight from the current-state relation; only the others (changed
+-- or deleted since) are probed in mirror.states. With known_at each object is decided among
+-- the candidates known by then.
 CREATE OR REPLACE FUNCTION mirror.table_as_of(resource text, at timestamptz,
                                               known_at timestamptz DEFAULT NULL)
 RETURNS TABLE (connection_id text, id text, data jsonb)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     r text := mirror.canonical_resource(table_as_of.resource);
+    current_table text;
 BEGIN
-    IF table_as_of.known_at IS NULL THEN
-        -- The resource is a literal so the planner can use that resource's partial index.
+    IF table_as_of.known_at IS NULL AND r <> 'connection' THEN
+        SELECT t.table_name INTO current_table FROM mirror.resources t WHERE t.name = r;
+        -- Names come from mirror.resources (filled from the registry), quoted by format.
         RETURN QUERY EXECUTE format(
-            'SELECT s.connection_id, s.object_id, coalesce(s.data, e.data) '
-            'FROM mirror.states s JOIN mirror.events e ON e.position = s.position '
-            'WHERE s.wins AND s.resource = %L AND NOT s.deleted '
-            'AND tstzrange(s.valid_from, s.valid_to) @> $1::timestamptz', r)
+            'SELECT c.connection_id, c.id, c.data FROM mirror.%1$I c WHERE c.valid_from <= $1 '
+            'UNION ALL '
+            'SELECT o.connection_id, o.object_id, mirror.state_data(v) '
+            'FROM mirror.objects o '
+            'CROSS JOIN LATERAL (SELECT s.* FROM mirror.states s '
+            '    WHERE s.connection_id = o.connection_id AND s.resource = o.resource '
+            '      AND s.object_id = o.object_id AND s.wins AND s.valid_from <= $1 '
+            '    ORDER BY s.valid_from DESC LIMIT 1) v '
+            'WHERE o.resource = %2$L AND NOT v.deleted AND NOT EXISTS ('
+            '    SELECT 1 FROM mirror.%1$I c WHERE c.connection_id = o.connection_id '
+            '      AND c.id = o.object_id AND c.valid_from <= $1)',
+            current_table, r)
         USING table_as_of.at;
         RETURN;
     END IF;
@@ -234,6 +237,8 @@ BEGIN
                           FROM mirror.candidate_at(r, o.connection_id, o.object_id,
                                                    table_as_of.at, table_as_of.known_at) v)
                END AS data) d
-    WHERE o.resource = r AND o.known_from <= table_as_of.known_at AND d.data IS NOT NULL;
+    WHERE o.resource = r AND (table_as_of.known_at IS NULL
+                              OR o.known_from <= table_as_of.known_at)
+      AND d.data IS NOT NULL;
 END;
 $$;

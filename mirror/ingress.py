@@ -1,6 +1,8 @@
-"""HTTP answers: the webhook ingress and the operational endpoints.
+"""The webhook ingress: POST /webhooks, verified on the raw bytes, appended durably, answered.
 
-This is the only module that maps mirror errors to HTTP status codes.
+Every outcome of a delivery is answered here, not by the error middleware (mirror/middleware.py),
+because each one is counted in /metrics by outcome: 413 too large, 408 too slow, 400 unreadable,
+401 not authentic, 503 database unavailable, 200 stored or duplicate.
 """
 
 from __future__ import annotations
@@ -11,30 +13,15 @@ import time
 from datetime import UTC, datetime
 
 from aiohttp import web
-from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mirror import envelope
-from mirror.db import explain, probe_hosts
+from mirror import parsing
 from mirror.errors import DatabaseUnavailable, VerificationFailed
-from mirror.keys import APPENDER, METRICS, POOL, READER, SETTINGS, VERIFIER
-from mirror.log import Record
-from mirror.progress import live_workers, projection_lag, refresh_gauges
-from mirror.trackstar import completion
+from mirror.eventlog import Record
+from mirror.keys import APPENDER, METRICS, SETTINGS, VERIFIER
+from mirror.middleware import json_answer, reason
 
 log = logging.getLogger("mirror.ingress")
-
-
-def json_answer(body: object, status: int = 200,
-                headers: dict[str, str] | None = None) -> web.Response:
-    """A JSON answer, rendered by orjson (the stdlib encoder showed in the ingress profile)."""
-    return web.json_response(body, status=status, headers=headers, dumps=envelope.dumps)
-
-
-def reason(status: int, text: str, **headers: str) -> web.Response:
-    """A short JSON answer ``{"error": text}``."""
-    return json_answer({"error": text}, status=status, headers=headers or None)
 
 
 class LogBudget:
@@ -103,22 +90,6 @@ class MalformedRequestFilter(logging.Filter):
         return True
 
 
-async def expect_handler(request: web.Request) -> None:
-    """The ``Expect`` header: ``100-continue`` is honoured; anything else is answered 417.
-
-    aiohttp's own handler quotes the header in its 417 text, and a value that is not UTF-8
-    then fails to encode, which answered 500; this one does not echo it.
-    """
-    if request.version != HttpVersion11:
-        return
-    if request.headers.get("Expect", "").lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the answer proper has not started
-        return
-    raise web.HTTPExpectationFailed(text='{"error": "unsupported Expect header"}',
-                                    content_type="application/json")
-
-
 async def read_body(request: web.Request, limit: int, timeout: float) -> bytes | None:
     """The whole body, or None as soon as it exceeds ``limit`` bytes.
 
@@ -169,7 +140,7 @@ async def webhook(request: web.Request) -> web.Response:
         metrics.verification_failures.labels(str(exc)).inc()
         log_refusal(str(exc), request.remote)
         return reason(401, str(exc))
-    parsed = envelope.parse(body)
+    parsed = parsing.parse(body)
     record = Record(delivery.message_id, received_at, delivery.timestamp, "webhook", parsed)
     try:
         new = await app[APPENDER].append(record)
@@ -193,57 +164,3 @@ async def wrong_method(request: web.Request) -> web.Response:
     """Anything but POST on /webhooks."""
     request.app[METRICS].requests.labels("wrong_method").inc()
     return reason(405, f"method {request.method} not allowed; use POST", Allow="POST")
-
-
-async def healthz(request: web.Request) -> web.Response:
-    """GET /healthz: the process is alive."""
-    return json_answer({"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    """GET /readyz: the database answers and the projection workers run; includes lag.
-
-    When the primary cannot be reached it says why, host by host (during a failover: the old
-    primary unreachable, the standby not yet promoted). The read replica's state and replay
-    lag are shown but do not decide readiness: while it is unreachable, reads fall back to
-    the primary.
-    """
-    app = request.app
-    body: dict[str, object] = {}
-    try:
-        async with asyncio.timeout(2.0):
-            async with app[POOL].acquire() as conn:
-                # Workers anywhere (this service's projection process, or `mirror project`
-                # elsewhere) report by heartbeat, so every ingress process answers alike.
-                live = await live_workers(conn)
-                body["lag"] = await projection_lag(conn)
-    except Exception as exc:
-        hosts = await probe_hosts(app[SETTINGS].database_url)
-        body.update(status="not ready", database="unreachable", error=type(exc).__name__,
-                    reason=explain(hosts), hosts=hosts)
-        await _add_read_replica(app, body)
-        return json_answer(body, status=503, headers={"Retry-After": "5"})
-    body.update(status="ready" if live else "not ready", database="ok",
-                workers=live)
-    await _add_read_replica(app, body)
-    return json_answer(body, status=200 if live else 503)
-
-
-async def _add_read_replica(app: web.Application, body: dict[str, object]) -> None:
-    replica = await app[READER].replica_status()
-    body["read_replica"] = replica if replica is not None else {
-        "status": "not configured", "reads": "primary"}
-
-
-async def metrics_endpoint(request: web.Request) -> web.Response:
-    """GET /metrics: Prometheus text format."""
-    app = request.app
-    try:
-        # The gauges describe the database, so an ingress-only process serves them too.
-        async with asyncio.timeout(2.0), app[POOL].acquire() as conn:
-            await refresh_gauges(conn, app[METRICS])
-            await completion.refresh_gauges(conn, app[METRICS])
-    except Exception as exc:
-        log.warning("metrics refresh failed", extra={"error": type(exc).__name__})
-    payload = generate_latest(app[METRICS].registry)
-    return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -8,7 +8,7 @@ import asyncpg
 from aiohttp import web
 
 from mirror.db import Reader
-from mirror.log import Appender
+from mirror.eventlog import Appender
 from mirror.metrics import Metrics
 from mirror.settings import Settings
 from mirror.verify import Verifier

@@ -13,22 +13,36 @@ _VALUE = {c: i for i, c in enumerate(_BASE62)}
 _LENGTH = 27
 
 
+_REST = 62 ** 20  # what the last 20 characters can add at most (< 2**128)
+
+
 @functools.lru_cache(maxsize=65536)
 def time_of(message_id: str) -> datetime | None:
     """The creation time encoded in a Svix message id, or None when it is not a KSUID."""
     text = message_id.rsplit("_", 1)[-1]
     if len(text) != _LENGTH:
         return None
-    number = 0
-    for char in text:
+    head = 0
+    for char in text[:7]:
         digit = _VALUE.get(char)
         if digit is None:
             return None
-        number = number * 62 + digit
-    if number >= 1 << 160:
+        head = head * 62 + digit
+    # The seconds are the top 32 of 160 bits. The first 7 characters decide them unless the
+    # rest could carry into them: then read the whole id (rare).
+    low = (head * _REST) >> 128
+    if ((head * _REST + _REST - 1) >> 128) != low or any(c not in _VALUE for c in text[7:]):
+        number = 0
+        for char in text:
+            digit = _VALUE.get(char)
+            if digit is None:
+                return None
+            number = number * 62 + digit
+        low = number >> 128
+    if low >= 1 << 32:
         return None
     try:
-        return datetime.fromtimestamp(EPOCH + (number >> 128), tz=UTC)
+        return datetime.fromtimestamp(EPOCH + low, tz=UTC)
     except (OverflowError, ValueError, OSError):
         return None
 

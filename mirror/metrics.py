@@ -1,13 +1,12 @@
 """Prometheus metrics of one service instance (a registry per app, so tests stay isolated).
 
 When `mirror serve` runs several processes (ingress processes, the projection process) it
-sets PROMETHEUS_MULTIPROC_DIR: every process then records into that directory and /metrics,
-whichever process answers it, reports the sum over all of them.
+sets PROMETHEUS_MULTIPROC_DIR (``Settings.metrics_dir``): every process then records into that
+directory and /metrics, whichever process answers it, reports the sum over all of them.
 """
 
 from __future__ import annotations
 
-import os
 from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -17,11 +16,13 @@ from prometheus_client.multiprocess import MultiProcessCollector
 class Metrics:
     """The counters and gauges served at GET /metrics."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, multiprocess: bool = False) -> None:
+        """``multiprocess``: record into PROMETHEUS_MULTIPROC_DIR (which prometheus_client
+        reads from the environment) and report the sum over every process."""
         self.registry = CollectorRegistry()
         r: CollectorRegistry | None = self.registry
         make_gauge = Gauge
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if multiprocess:
             MultiProcessCollector(self.registry)  # type: ignore[no-untyped-call]
             r = None  # values live in the shared directory; the collector reads them all
             # Gauges are set from the database, the same in every process: report the latest.

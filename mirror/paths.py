@@ -257,6 +257,9 @@ def _owned_child(node: Any, key: Any, owned: set[int]) -> Any:
 def _place(doc: dict[str, Any], dotted: str, value: Any, owned: set[int]) -> None:
     """Set ``value`` at ``dotted`` on ``doc`` (in place), creating what is missing and copying
     each shared container on the way before changing it."""
+    if "." not in dotted:
+        doc[dotted] = value  # a top-level field: nothing to resolve, nothing shared to copy
+        return
     segments = resolve(doc, dotted)
     node: Any = doc
     for depth, segment in enumerate(segments):

@@ -74,14 +74,15 @@ CROSS JOIN LATERAL (
     ORDER BY e.txid, e.position
     LIMIT c.lim) e
 """
-# The partitions of this page, locked for its transaction; with an owner, only those it
-# still holds (a lease taken over since is not this worker's to advance).
-CLAIM_PAGE_SQL = """
+# The checkpoints of this worker's partitions (with an owner, only those it still holds).
+CHECKPOINTS_SQL = """
 SELECT part, last_txid, last_position FROM mirror.checkpoints
 WHERE part = ANY($1::smallint[]) AND ($2::text IS NULL OR owner = $2)
-ORDER BY part
-FOR UPDATE
 """
+# The partitions that have events this page, locked until it commits: only those, so an idle
+# poll writes nothing, and two workers only ever wait for each other on a partition both
+# think they hold. Locked in one order: no deadlocks.
+LOCK_SQL = CHECKPOINTS_SQL + "ORDER BY part FOR UPDATE\n"
 ADVANCE_SQL = """
 UPDATE mirror.checkpoints c SET last_txid = u.txid, last_position = u.pos, updated_at = now()
 FROM unnest($1::smallint[], $2::xid8[], $3::bigint[], $4::xid8[], $5::bigint[])
@@ -150,7 +151,7 @@ async def project_page(conn: asyncpg.Connection, parts: list[int], *, page_size:
     """Fold the next events of ``parts`` in one transaction; return how many log rows it
     consumed (0: nothing to do, or no partition is this owner's any more)."""
     async with conn.transaction():
-        held = await conn.fetch(CLAIM_PAGE_SQL, parts, owner)
+        held = await conn.fetch(CHECKPOINTS_SQL, parts, owner)
         if not held:
             return 0
         per_part = max(page_size // len(held), 16)
@@ -158,6 +159,15 @@ async def project_page(conn: asyncpg.Connection, parts: list[int], *, page_size:
         rows = await conn.fetch(FETCH_SQL, [r["part"] for r in held],
                                 [r["last_txid"] for r in held],
                                 [r["last_position"] for r in held], lim)
+        if not rows:
+            return 0
+        read = {r["part"]: (r["last_txid"], r["last_position"]) for r in held}
+        locked = await conn.fetch(LOCK_SQL, sorted({r["part"] for r in rows}), owner)
+        # A partition another worker advanced (or took over) since it was read is left for
+        # the next page.
+        mine = {r["part"] for r in locked if read[r["part"]] == (r["last_txid"],
+                                                                 r["last_position"])}
+        rows = [r for r in rows if r["part"] in mine]
         if not rows:
             return 0
         last: dict[int, tuple[Any, int]] = {}
@@ -174,7 +184,7 @@ async def project_page(conn: asyncpg.Connection, parts: list[int], *, page_size:
             scale = min(1.0, page_size / max(sum(wanted.values()), 1))
             for part, n in wanted.items():
                 limits[part] = max(int(n * scale), 16)
-        old = {r["part"]: (r["last_txid"], r["last_position"]) for r in held}
+        old = {part: read[part] for part in mine}
         if cache is not None:
             for part, checkpoint in old.items():
                 cache.check(part, (int(checkpoint[0]), checkpoint[1]))
@@ -200,6 +210,7 @@ async def fold_page(conn: asyncpg.Connection, fresh: dict[ObjectKey, list[Event]
     """Fold each object's new events onto what is stored and write the page."""
     failed: list[tuple[ObjectKey, str, int]] = []  # the objects whose fold raised
     outcomes: list[Outcome] = []
+    tails_now: dict[ObjectKey, _Cached] = {}
     new: dict[ObjectKey, tuple[list[Candidate], list[Anomaly]]] = {}
     since: dict[ObjectKey, datetime] = {}
     for key, events in fresh.items():
@@ -217,13 +228,15 @@ async def fold_page(conn: asyncpg.Connection, fresh: dict[ObjectKey, list[Event]
             _poison(failed, key, exc, events, cache)
             continue
         new[key] = (cands, shown)
-        since[key] = min(c.valid_from for c in cands)
+        # Load the tail from the earliest *received* instant: in an in-order stream every
+        # update also reveals the state at the stored last instant, which changes nothing.
+        since[key] = min(c.valid_from for c in cands if not c.derived)
     tails: dict[ObjectKey, Tail] = {}
     unknown: dict[ObjectKey, datetime] = {}
     for key, t in since.items():
         hit = cache.get(key) if cache is not None else None
         if hit is not None and (hit.last_instant is None or t > hit.last_instant):
-            # Appending after everything stored: the cached current version is the prior.
+            # After everything stored: the cached current version is the prior.
             current = hit.current
             prior = None if current is None else _as_prior(current)
             tails[key] = Tail(prior, None, hit.last_instant, hit.first_received,
@@ -231,6 +244,19 @@ async def fold_page(conn: asyncpg.Connection, fresh: dict[ObjectKey, list[Event]
         else:
             unknown[key] = t
     tails.update(await load_tails(conn, unknown))
+    earlier: dict[ObjectKey, datetime] = {}
+    for key, (cands, _) in new.items():
+        prior = tails[key].prior
+        if prior is not None:
+            cands[:] = [c for c in cands if not _redundant(c, prior)]
+        t = min(c.valid_from for c in cands)
+        if t < since[key] and tails[key].last_instant is not None:
+            # A state revealed before what is stored last: re-fold from there.
+            since[key] = earlier[key] = t
+        else:
+            since[key] = t
+    if earlier:
+        tails.update(await load_tails(conn, earlier))
     later = {k: t for k, t in since.items()
              if tails[k].last_instant is not None and t <= tails[k].last_instant  # type: ignore[operator]
              and not tails[k].poisoned}
@@ -246,8 +272,7 @@ async def fold_page(conn: asyncpg.Connection, fresh: dict[ObjectKey, list[Event]
         try:
             if tail.poisoned:
                 # Folded again from its first event: what was stored may be incomplete.
-                again = replay.get(key, [])
-                for event in again:
+                for event in replay.get(key, []):
                     found, anomalies = candidates_of(resource, event)
                     cands += found
                     shown += anomalies
@@ -277,15 +302,22 @@ async def fold_page(conn: asyncpg.Connection, fresh: dict[ObjectKey, list[Event]
             known = [c.known_from for c in folded.candidates]
             known_from = min([*known, *([tail.known_from] if tail.known_from else [])],
                              default=None)
-            cache.put(key, part_of[key], _Cached(folded.current, last_instant, first_received,
-                                                 known_from))
-    await write_guarded(conn, outcomes, failed)
+            tails_now[key] = _Cached(folded.current, last_instant, first_received, known_from)
+    refused = await write_guarded(conn, outcomes, failed)
+    if cache is not None:
+        # Only what was written: a refused object is poison, folded again from its start.
+        for key, cached in tails_now.items():
+            if key not in refused:
+                cache.put(key, part_of[key], cached)
+        for key in refused:
+            cache.drop(key)
 
 
 async def write_guarded(conn: asyncpg.Connection, outcomes: list[Outcome],
-                        failed: list[tuple[ObjectKey, str, int]]) -> None:
+                        failed: list[tuple[ObjectKey, str, int]]) -> set[ObjectKey]:
     """Write a page; an object the database refuses becomes poison instead of failing (and
-    so stalling) its partitions. ``failed``: objects whose fold raised."""
+    so stalling) its partitions. ``failed``: objects whose fold raised. Returns the objects
+    the database refused."""
     writer = Writer()
     for out in outcomes:
         writer.add(out)
@@ -294,13 +326,14 @@ async def write_guarded(conn: asyncpg.Connection, outcomes: list[Outcome],
     try:
         async with conn.transaction():  # a savepoint inside the page's transaction
             await writer.write(conn)
-        return
+        return set()
     except asyncpg.PostgresError as exc:
         if is_unavailable(exc):
             raise
         log.warning("page write refused, writing object by object",
                     extra={"sqlstate": exc.sqlstate})
     refused = Writer()
+    keys: set[ObjectKey] = set()
     for key, reason, position in failed:
         refused.poisoned(key, reason, position)
     for out in outcomes:
@@ -314,7 +347,9 @@ async def write_guarded(conn: asyncpg.Connection, outcomes: list[Outcome],
                 raise
             last = max((c.position for c in out.folded.candidates), default=0)
             refused.poisoned(out.key, f"database refused the fold: {exc.sqlstate} {exc}", last)
+            keys.add(out.key)
     await refused.write(conn)
+    return keys
 
 
 def _poison(failed: list[tuple[ObjectKey, str, int]], key: ObjectKey, exc: Exception,
@@ -330,7 +365,15 @@ def _as_prior(current: Candidate | Prior) -> Prior:
     if isinstance(current, Prior):
         return current
     return Prior(current.valid_from, current.data, current.state_hash, current.deleted,
-                 current.event_id, current.position, current.derived)
+                 current.event_id, current.position, current.derived, current.known_from)
+
+
+def _redundant(c: Candidate, prior: Prior) -> bool:
+    """A revealed state equal to the received version in force at its very instant, which
+    was known no later: the fold would drop it (it can never decide an answer)."""
+    return (c.derived and c.valid_from == prior.valid_from and not prior.derived
+            and not prior.deleted and prior.state_hash == c.state_hash
+            and prior.known_from is not None and prior.known_from <= c.known_from)
 
 
 def _unique(cands: list[Candidate]) -> list[Candidate]:

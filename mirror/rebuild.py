@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from mirror.errors import NotFound
+from mirror.errors import UnknownResource
 from mirror.fold import FOLD_KINDS, fold
 from mirror.projector import write_guarded
 from mirror.store import ObjectKey, Outcome, load_folded_events
@@ -32,7 +32,7 @@ async def rebuild(conn: asyncpg.Connection, resource_name: str | None = None) ->
     if resource_name:
         found = registry.by_name(resource_name)
         if found is None:
-            raise NotFound(f"unknown resource {resource_name!r}")
+            raise UnknownResource(f"unknown resource {resource_name!r}")
         chosen: tuple[Resource, ...] = (found,)
     else:
         chosen = registry.resources()
@@ -47,7 +47,6 @@ async def rebuild(conn: asyncpg.Connection, resource_name: str | None = None) ->
 async def _rebuild_one(conn: asyncpg.Connection, resource: Resource) -> int:
     name = resource.name
     await conn.execute("DELETE FROM mirror.states WHERE resource = $1", name)
-    await conn.execute("DELETE FROM mirror.changes WHERE resource = $1", name)
     await conn.execute("DELETE FROM mirror.objects WHERE resource = $1", name)
     await conn.execute("DELETE FROM mirror.poison WHERE resource = $1", name)
     # What the fold finds again is reopened by the upsert; what it does not is resolved.

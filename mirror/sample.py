@@ -11,18 +11,12 @@ import aiohttp
 import orjson
 from svix.webhooks import Webhook
 
-_B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+from mirror import ksuid
 
 
 def message_id(at: datetime | None = None) -> str:
-    """A Svix-style message id: ``msg_`` + a KSUID whose first 4 bytes are the time."""
-    seconds = int((at or datetime.now(UTC)).timestamp()) - 1_400_000_000
-    number = (max(seconds, 0) << 128) | int.from_bytes(secrets.token_bytes(16), "big")
-    chars = []
-    for _ in range(27):
-        number, digit = divmod(number, 62)
-        chars.append(_B62[digit])
-    return "msg_" + "".join(reversed(chars))
+    """A Svix-style message id created at ``at`` (default: now); see mirror.ksuid."""
+    return ksuid.message_id(at or datetime.now(UTC))
 
 
 def sample_event(event_type: str = "order.created", object_id: str | None = None,

@@ -80,6 +80,52 @@ def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default
     return raw
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(env: Mapping[str, str]) -> str:
+    """``MIRROR_LOG_LEVEL`` (default INFO); read before anything else, to set up logging."""
+    raw = env.get("MIRROR_LOG_LEVEL", "").strip().upper() or "INFO"
+    if raw not in LOG_LEVELS:
+        raise ConfigError(f"MIRROR_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
+    return raw
+
+
+def data_dir(env: Mapping[str, str]) -> Path:
+    """``MIRROR_DATA_DIR`` (default ``.data``): where `make up` keeps the embedded server and
+    the generated secrets. Needed before DATABASE_URL is known (it may point there)."""
+    return Path(env.get("MIRROR_DATA_DIR", "").strip() or ".data")
+
+
+def read_database_url(env: Mapping[str, str]) -> str | None:
+    """``MIRROR_READ_DATABASE_URL``: a hot standby for reads; None means read the primary."""
+    return env.get("MIRROR_READ_DATABASE_URL", "").strip() or None
+
+
+def listen_address(env: Mapping[str, str]) -> tuple[str, int]:
+    """``MIRROR_HOST`` (default 127.0.0.1) and ``MIRROR_PORT`` (default 8080)."""
+    host = env.get("MIRROR_HOST", "127.0.0.1").strip() or "127.0.0.1"
+    return host, _int(env, "MIRROR_PORT", 8080, 0, 65535)
+
+
+def webhook_url(host: str, port: int) -> str:
+    """The URL of POST /webhooks on a service listening on ``host``:``port`` (a wildcard
+    address is reached on the loopback)."""
+    shown = "127.0.0.1" if host in {"0.0.0.0", "::", ""} else host
+    return f"http://{shown}:{port}/webhooks"
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name} must be 1 or 0, got {raw!r}")
+
+
 # What a multi-host DATABASE_URL may ask for: the mirror writes, so only a primary will do.
 WRITABLE_SESSION_ATTRS = ("read-write", "primary")
 
@@ -172,6 +218,11 @@ class Settings:
     trackstar_base_url: str = DEFAULT_TRACKSTAR_BASE_URL
     # A hot standby for the read API and `mirror as-of`/`history`; None: read the primary.
     read_database_url: str | None = field(default=None, repr=False)
+    # Run the event loop on uvloop (MIRROR_UVLOOP=0: asyncio's own).
+    uvloop: bool = True
+    # Where every process of `mirror serve` records its Prometheus figures, so /metrics reports
+    # their sum (PROMETHEUS_MULTIPROC_DIR, set by `mirror serve`); None: this process alone.
+    metrics_dir: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, database_url: str | None = None,
@@ -194,12 +245,13 @@ class Settings:
         if require_secrets and len(token) < MIN_API_TOKEN:
             raise ConfigError(f"MIRROR_API_TOKEN must be set to a token of at least "
                               f"{MIN_API_TOKEN} characters")
+        host, port = listen_address(env)
         return cls(
             database_url=url,
             webhook_secrets=secrets_,
             api_token=token,
-            host=env.get("MIRROR_HOST", "127.0.0.1").strip() or "127.0.0.1",
-            port=_int(env, "MIRROR_PORT", 8080, 0, 65535),
+            host=host,
+            port=port,
             max_body_bytes=_int(env, "MIRROR_MAX_BODY_BYTES", DEFAULT_MAX_BODY, 1024, 1 << 30),
             workers=_int(env, "MIRROR_WORKERS", 1, 1, 16),
             batch_size=_int(env, "MIRROR_BATCH_SIZE", 2000, 1, 100_000),
@@ -210,7 +262,9 @@ class Settings:
                                    min(os.cpu_count() or 1, 4), 1, 64),
             trackstar_api_key=(env.get("MIRROR_TRACKSTAR_API_KEY") or "").strip(),
             trackstar_base_url=trackstar_base_url(env),
-            read_database_url=env.get("MIRROR_READ_DATABASE_URL", "").strip() or None,
+            read_database_url=read_database_url(env),
+            uvloop=_flag(env, "MIRROR_UVLOOP", True),
+            metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR", "").strip() or None,
         )
 
 

@@ -9,10 +9,12 @@ from its first instant onward.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -21,7 +23,7 @@ import orjson
 from mirror.db import json_text
 from mirror.fold import FOLD_KINDS, Anomaly, Candidate, Event, Folded, Prior
 from projections import registry
-from projections.base import Column, Resource, parse_time
+from projections.base import Resource, parse_time
 
 log = logging.getLogger("mirror.store")
 
@@ -41,6 +43,7 @@ TAILS_SQL = f"""
 SELECT k.resource, k.connection_id, k.object_id, o.first_received, o.known_from,
        (SELECT max(s.valid_from) FROM mirror.states s WHERE {_SAME.format(a='s')}) AS last_instant,
        w.valid_from, w.valid_to, w.deleted, w.derived, w.event_id, w.position, w.state_hash,
+       w.known_from AS prior_known_from,
        CASE WHEN w.deleted THEN NULL ELSE coalesce(w.data, e.data) END AS data,
        EXISTS (SELECT 1 FROM mirror.poison p WHERE {_SAME.format(a='p')}) AS poisoned
 FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
@@ -89,23 +92,14 @@ USING unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
       AS k(resource, connection_id, object_id, since)
 WHERE {_SAME.format(a='s')} AND s.valid_from >= k.since
 """
-DELETE_CHANGES_SQL = """
-DELETE FROM mirror.changes c
-USING unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
-      AS k(resource, connection_id, object_id, since)
-WHERE c.connection_id = k.connection_id AND c.resource = k.resource AND c.id = k.object_id
-  AND c.changed_at >= k.since
-"""
+_STATE_TYPES: tuple[str, ...] = (
+    "text", "text", "text", "timestamptz", "bigint", "boolean", "timestamptz", "timestamptz",
+    "text", "boolean", "bytea", "bytea", "jsonb", "boolean", "timestamptz", "jsonb")
 INSERT_STATES_SQL = """
 INSERT INTO mirror.states (connection_id, resource, object_id, valid_from, position, derived,
                            known_from, sent_at, event_id, deleted, state_hash, prev_hash, data,
-                           wins, valid_to)
-SELECT c, r, o, vf, p, d, kf, sa, e, del, sh, ph, dt::jsonb, w, vt
-FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bigint[],
-            $6::boolean[], $7::timestamptz[], $8::timestamptz[], $9::text[], $10::boolean[],
-            $11::bytea[], $12::bytea[], $13::text[], $14::boolean[], $15::timestamptz[])
-     AS u(c, r, o, vf, p, d, kf, sa, e, del, sh, ph, dt, w, vt)
-"""
+                           wins, valid_to, changes)
+""" + "{rows}"
 SET_VALID_TO_SQL = """
 UPDATE mirror.states s SET valid_to = u.valid_to
 FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bigint[],
@@ -114,13 +108,6 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bigint[],
 WHERE s.connection_id = u.connection_id AND s.resource = u.resource
   AND s.object_id = u.object_id AND s.valid_from = u.valid_from
   AND s.position = u.position AND s.derived = u.derived
-"""
-INSERT_CHANGES_SQL = """
-INSERT INTO mirror.changes (connection_id, resource, id, changed_at, path, old_value,
-                            new_value, event_id, derived)
-SELECT c, r, i, t, p, o::jsonb, n::jsonb, e, d
-FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[],
-            $7::text[], $8::text[], $9::boolean[]) AS u(c, r, i, t, p, o, n, e, d)
 """
 UPSERT_OBJECTS_SQL = """
 INSERT INTO mirror.objects AS o (connection_id, resource, object_id, known_from, first_received)
@@ -181,6 +168,44 @@ class Tail:
     poisoned: bool
 
 
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def rows_json(rows: Sequence[Sequence[Any]]) -> str:
+    """Rows as one JSON array: a single parameter that PostgreSQL parses once, in C, instead
+    of one array per column that the driver encodes element by element. JSON values nest as
+    they are (no JSON text inside JSON), bytes travel as hex, numbers as text."""
+    try:
+        return orjson.dumps(rows, default=_json_default).decode()
+    except TypeError:  # an integer beyond 64 bits, which orjson refuses
+        return json.dumps(rows, default=_json_default, ensure_ascii=False)
+
+
+def select_rows(types: Sequence[str]) -> str:
+    """``SELECT`` of the columns of ``rows_json`` rows (parameter $1), typed."""
+    exprs = []
+    for i, t in enumerate(types):
+        if t == "jsonb":
+            exprs.append(f"nullif(e -> {i}, 'null'::jsonb)")
+        elif t == "bytea":
+            exprs.append(f"decode(e ->> {i}, 'hex')")
+        elif t == "text":
+            exprs.append(f"e ->> {i}")
+        else:
+            exprs.append(f"(e ->> {i})::{t}")
+    return f"SELECT {', '.join(exprs)} FROM jsonb_array_elements($1::text::jsonb) AS e"
+
+
+_INSERT_STATES = INSERT_STATES_SQL.format(rows=select_rows(_STATE_TYPES))
+
+
 def columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     """Rows as ``width`` column lists: the parameters of an ``unnest`` statement."""
     if not rows:
@@ -222,7 +247,7 @@ async def load_tails(conn: asyncpg.Connection, since: dict[ObjectKey, datetime],
         prior = None
         if r["valid_from"] is not None:
             prior = Prior(r["valid_from"], r["data"], r["state_hash"], r["deleted"],
-                          r["event_id"], r["position"], r["derived"])
+                          r["event_id"], r["position"], r["derived"], r["prior_known_from"])
         out[(r["resource"], r["connection_id"], r["object_id"])] = Tail(
             prior, r["valid_to"], r["last_instant"], r["first_received"], r["known_from"],
             r["poisoned"])
@@ -270,7 +295,6 @@ class Writer:
         self.refolds: list[tuple[str, str, str, datetime]] = []
         self.states: list[tuple[Any, ...]] = []
         self.valid_to: list[tuple[Any, ...]] = []
-        self.changes: list[tuple[Any, ...]] = []
         self.objects: list[tuple[Any, ...]] = []
         self.anomalies: list[tuple[Any, ...]] = []
         self.cleared: list[ObjectKey] = []
@@ -286,24 +310,22 @@ class Writer:
             self.states.append((
                 conn_id, resource, obj_id, c.valid_from, c.position, c.derived, c.known_from,
                 c.sent_at, c.event_id, c.deleted, c.state_hash, c.prev_hash,
-                json_text(c.data) if c.stored and not c.deleted else None, c.wins,
-                c.valid_to))
+                c.data if c.stored and not c.deleted else None, c.wins,
+                c.valid_to, c.changes if c.wins and c.changes else None))
         prior = out.tail.prior if out.tail else None
         if prior is not None and out.tail is not None and \
                 folded.prior_valid_to != out.tail.prior_valid_to:
             self.valid_to.append((conn_id, resource, obj_id, prior.valid_from, prior.position,
                                   prior.derived, folded.prior_valid_to))
-        for ch in folded.changes:
-            # Values may be arrays: they travel as JSON text, since asyncpg would read a
-            # Python list inside a jsonb[] parameter as another array dimension.
-            self.changes.append((conn_id, resource, obj_id, ch.changed_at, ch.path,
-                                 json_text(ch.old_value), json_text(ch.new_value), ch.event_id,
-                                 ch.derived))
         received = [c.valid_from for c in folded.candidates if not c.derived]
         known = [c.known_from for c in folded.candidates]
         if known:
             first = min(received) if received else min(c.valid_from for c in folded.candidates)
-            self.objects.append((conn_id, resource, obj_id, min(known), first))
+            tail = out.tail
+            # Written when the object is new or either time moves earlier, not every page.
+            if tail is None or tail.known_from is None or tail.first_received is None \
+                    or min(known) < tail.known_from or first < tail.first_received:
+                self.objects.append((conn_id, resource, obj_id, min(known), first))
         for a in (*out.event_anomalies, *folded.anomalies):
             self.anomalies.append((conn_id, resource, obj_id, a.kind, a.at, a.event_id,
                                    _array_literal(a.paths), json_text(a.detail)))
@@ -321,13 +343,10 @@ class Writer:
         if self.refolds:
             params = columns(self.refolds, 4)
             await conn.execute(DELETE_STATES_SQL, *params)
-            await conn.execute(DELETE_CHANGES_SQL, *params)
         if self.states:
-            await conn.execute(INSERT_STATES_SQL, *columns(self.states, 15))
+            await conn.execute(_INSERT_STATES, rows_json(self.states))
         if self.valid_to:
             await conn.execute(SET_VALID_TO_SQL, *columns(self.valid_to, 7))
-        if self.changes:
-            await conn.execute(INSERT_CHANGES_SQL, *columns(self.changes, 9))
         if self.objects:
             await conn.execute(UPSERT_OBJECTS_SQL, *columns(self.objects, 5))
         anomalies = list({a[:6]: a for a in self.anomalies}.values())
@@ -362,9 +381,9 @@ async def _write_current(conn: asyncpg.Connection, resource: Resource,
             gone.append((conn_id, obj_id))
         else:
             assert current is not None
-            live.append((conn_id, obj_id, json_text(data), parse_time(data.get("created_date")),
+            live.append((conn_id, obj_id, data, parse_time(data.get("created_date")),
                          parse_time(data.get("updated_date")), current.valid_from,
-                         current.event_id, *[_param(c, data) for c in resource.columns]))
+                         current.event_id, *[c.extract(data) for c in resource.columns]))
         for index, child in enumerate(resource.children):
             old = before.get(child.array) if before else None
             new = data.get(child.array) if data else None
@@ -375,28 +394,22 @@ async def _write_current(conn: asyncpg.Connection, resource: Resource,
             if isinstance(new, list):
                 for line, element in enumerate(new):
                     if isinstance(element, dict):
-                        children[index].append((conn_id, obj_id, line, json_text(element),
-                                                *[_param(c, element) for c in child.columns]))
+                        children[index].append((conn_id, obj_id, line, element,
+                                                *[c.extract(element) for c in child.columns]))
     for index, delete in enumerate(sql.child_delete):
         if stale[index] or gone:
             await conn.execute(delete, *columns(stale[index] + gone, 2))
     if gone:
         await conn.execute(sql.delete, *columns(gone, 2))
     if live:
-        await conn.execute(sql.upsert, *columns(live, 7 + len(resource.columns)))
-    for index, child in enumerate(resource.children):
+        await conn.execute(sql.upsert, rows_json(live))
+    for index in range(len(resource.children)):
         if children[index]:
-            await conn.execute(sql.child_insert[index],
-                               *columns(children[index], 4 + len(child.columns)))
+            await conn.execute(sql.child_insert[index], rows_json(children[index]))
 
 
 def _same_json(a: Any, b: Any) -> bool:
     return orjson.dumps(a) == orjson.dumps(b)
-
-
-def _param(column: Column, obj: dict[str, Any]) -> Any:
-    value = column.extract(obj)
-    return json_text(value) if column.sql_type == "jsonb" else value
 
 
 @dataclass(frozen=True)
@@ -410,23 +423,13 @@ class _Statements:
     child_insert: tuple[str, ...]
 
 
-def _unnest(types: Sequence[str]) -> str:
-    """``SELECT ... FROM unnest(...)`` over typed array parameters; jsonb travels as text."""
-    params = ", ".join(f"${i}::{'text' if t == 'jsonb' else t}[]"
-                       for i, t in enumerate(types, start=1))
-    names = [f"c{i}" for i in range(len(types))]
-    select = ", ".join(f"{n}::jsonb" if t == "jsonb" else n
-                       for n, t in zip(names, types, strict=True))
-    return f"SELECT {select} FROM unnest({params}) AS u({', '.join(names)})"
-
-
 def _statements(resource: Resource) -> _Statements:
     cols = ["connection_id", "id", "data", "created_date", "updated_date", "valid_from",
             "event_id", *[c.name for c in resource.columns]]
     types = ["text", "text", "jsonb", "timestamptz", "timestamptz", "timestamptz", "text",
              *[c.sql_type for c in resource.columns]]
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols[2:])
-    upsert = (f"INSERT INTO mirror.{resource.table} ({', '.join(cols)}) {_unnest(types)} "
+    upsert = (f"INSERT INTO mirror.{resource.table} ({', '.join(cols)}) {select_rows(types)} "
               f"ON CONFLICT (connection_id, id) DO UPDATE SET {updates}")
     delete = (f"DELETE FROM mirror.{resource.table} t USING unnest($1::text[], $2::text[]) "
               "AS k(connection_id, id) WHERE t.connection_id = k.connection_id AND t.id = k.id")
@@ -439,9 +442,9 @@ def _statements(resource: Resource) -> _Statements:
             f"AND t.{child.parent_column} = k.id")
         ccols = ["connection_id", child.parent_column, "line_number", "data",
                  *[c.name for c in child.columns]]
-        ctypes = ["text", "text", "int", "jsonb", *[c.sql_type for c in child.columns]]
+        ctypes = ["text", "text", "integer", "jsonb", *[c.sql_type for c in child.columns]]
         child_insert.append(f"INSERT INTO mirror.{child.table} ({', '.join(ccols)}) "
-                            f"{_unnest(ctypes)}")
+                            f"{select_rows(ctypes)}")
     return _Statements(upsert, delete, tuple(child_delete), tuple(child_insert))
 
 

@@ -77,10 +77,12 @@ def template_db(server_url: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def fresh_database(server_url: str, template_db: str) -> Iterator[str]:
-    """A database cloned from the template (cheap, fully isolated), dropped afterwards."""
+def fresh_database(server_url: str, template_db: str | None) -> Iterator[str]:
+    """A database cloned from the template (cheap, fully isolated), dropped afterwards; with
+    no template, an empty one."""
     name = f"mirror_t_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
+    template = f' TEMPLATE "{template_db}"' if template_db else ""
+    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"{template}'))
     try:
         yield with_database(server_url, name)
     finally:

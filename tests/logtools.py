@@ -9,8 +9,8 @@ from typing import Any
 import asyncpg
 import orjson
 
-from mirror import envelope as envelope_mod
-from mirror.log import Record, insert_records
+from mirror import parsing
+from mirror.eventlog import Record, insert_records
 from mirror.progress import PARTITIONS
 from mirror.projector import project_page
 from mirror.sample import message_id
@@ -20,7 +20,7 @@ from projections import registry
 def record(event: dict[str, Any], msg_id: str | None = None,
            received_at: datetime | None = None) -> Record:
     """A log record for ``event`` as the ingress would build it."""
-    parsed = envelope_mod.parse(orjson.dumps(event))
+    parsed = parsing.parse(orjson.dumps(event))
     when = received_at or datetime.now(UTC)
     return Record(msg_id or message_id(when), when, when, "webhook", parsed)
 

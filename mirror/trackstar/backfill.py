@@ -28,7 +28,7 @@ from typing import TextIO
 import asyncpg
 
 from mirror.errors import MirrorError
-from mirror.log import Record, insert_records
+from mirror.eventlog import Record, insert_records
 from mirror.trackstar import listing
 from mirror.trackstar.client import (
     MAX_PAGE_SIZE,

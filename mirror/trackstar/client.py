@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from yarl import URL
 
-from mirror.envelope import loads
 from mirror.errors import ConfigError, MirrorError
+from mirror.parsing import loads
 from mirror.settings import DEFAULT_TRACKSTAR_BASE_URL, Settings, trackstar_base_url
 
 log = logging.getLogger("mirror.trackstar.client")

@@ -1,7 +1,7 @@
 """Completing truncated deliveries: the full event behind each ``data_url``, appended once.
 
 A delivery too large for Svix arrives as a stub (``data_truncated: true``, ``data`` reduced to
-the id, a ``data_url``); mirror.envelope stores it with unusable_reason ``data truncated``. The
+the id, a ``data_url``); mirror.parsing stores it with unusable_reason ``data truncated``. The
 full event, fetched from ``data_url`` with the API key, is appended as origin ``fetch`` with
 event id ``fetch_`` + the stub's id; appended after the stub, it is the completing version.
 
@@ -37,9 +37,9 @@ from typing import Any
 
 import asyncpg
 
-from mirror import envelope as envelope_mod
+from mirror import parsing
 from mirror.errors import MirrorError
-from mirror.log import Record, insert_records
+from mirror.eventlog import Record, insert_records
 from mirror.metrics import Metrics
 from mirror.trackstar.client import (
     ApiSettings,
@@ -189,7 +189,7 @@ async def fetch_full(client: TrackstarClient, event_id: str, object_id: str | No
     """The completing record of one stub. Raises GiveUp when it can never be had, and
     TrackstarError (or AuthFailed) when a later try may succeed."""
     try:
-        stub = envelope_mod.loads(body)
+        stub = parsing.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise GiveUp("the stored delivery is not JSON") from None
     data_url = stub.get("data_url") if isinstance(stub, dict) else None
@@ -211,7 +211,7 @@ async def fetch_full(client: TrackstarClient, event_id: str, object_id: str | No
         full = completed_event(stub, fetched)
     except MirrorError as exc:
         raise GiveUp(str(exc)) from None
-    parsed = envelope_mod.parse(canonical_json(full))
+    parsed = parsing.parse(canonical_json(full))
     if parsed.unusable_reason is not None:
         raise GiveUp(f"the fetched event is not usable: {parsed.unusable_reason}")
     if parsed.object_id != object_id:

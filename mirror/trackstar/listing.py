@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import quote
 
-from mirror.errors import MirrorError
+from mirror.errors import BadRequest, UnknownResource
 from mirror.trackstar.client import MAX_PAGE_SIZE, Page, TrackstarClient, TrackstarError
 from projections import registry
 from projections.base import Resource
@@ -24,9 +24,11 @@ def select_resources(names: Iterable[str] | None) -> list[Resource]:
     wanted: set[str] = set()
     for name in names:
         found = registry.by_name(name)
-        if found is None or found.list_path is None:
-            raise MirrorError(f"no list endpoint for resource {name!r}; choose from "
-                              f"{', '.join(r.name for r in available)}")
+        if found is None:
+            raise UnknownResource(name)
+        if found.list_path is None:
+            raise BadRequest(f"the Trackstar API has no list endpoint for {found.name}; "
+                             f"choose from {', '.join(r.name for r in available)}")
         wanted.add(found.name)
     return [r for r in available if r.name in wanted]
 
@@ -60,7 +62,7 @@ async def endpoints_of(client: TrackstarClient, resource: Resource,
                        page_size: int = MAX_PAGE_SIZE) -> list[str]:
     """The list paths of a resource: its own, or one per object of its ``list_parent``."""
     if resource.list_path is None:
-        raise MirrorError(f"resource {resource.name} has no list endpoint")
+        raise BadRequest(f"the Trackstar API has no list endpoint for {resource.name}")
     if resource.list_parent is None:
         return [resource.list_path]
     parent = registry.by_name(resource.list_parent)

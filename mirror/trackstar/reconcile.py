@@ -8,10 +8,10 @@ state differs (``differs``, by dotted path, as mirror.paths.changes writes them)
 ``--repair`` appends the API's state as a snapshot event (origin ``reconcile``, routed as
 ``<resource>.updated``, exactly like a backfill snapshot) for every object missing here and every
 differing object whose API state is not older than the mirror's: the mirror never goes back in
-time because a list was stale (a newer webhook wins, as CONTRACT §5 says). A repair's event id
-is ``reconcile_`` + a KSUID carrying the time of the reconciliation; when the API state has the
-same ``updated_date`` as the mirror's (a change the WMS made without touching it), the repair,
-appended last, wins the tie by log order (CONTRACT §5).
+time because a list was stale (a newer webhook wins; the README's "How time and order work").
+A repair's event id is ``reconcile_`` + a KSUID carrying the time of the reconciliation; when the
+API state has the same ``updated_date`` as the mirror's (a change the WMS made without touching
+it), the repair, appended last, wins the tie by log order.
 
 An object missing there gets a deletion event (``<resource>.deleted``, origin ``reconcile``,
 ``deleted_date`` = when reconcile ran) only when the resource's listing was complete and
@@ -34,9 +34,10 @@ from typing import Any
 import asyncpg
 import orjson
 
-from mirror import paths
+from mirror import ksuid, paths
 from mirror.db import json_text
-from mirror.log import Record, insert_records
+from mirror.eventlog import Record, insert_records
+from mirror.store import columns
 from mirror.trackstar.client import (
     MAX_PAGE_SIZE,
     AuthFailed,
@@ -51,8 +52,6 @@ from projections.base import Resource, parse_time
 log = logging.getLogger("mirror.trackstar.reconcile")
 
 REPAIR_PREFIX = "reconcile_"
-_KSUID_EPOCH = 1_400_000_000
-_B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 INTEGRATION_SQL = """
 SELECT integration_name FROM mirror.connections WHERE connection_id = $1 AND id = $1
@@ -86,13 +85,8 @@ ON CONFLICT (resource, object_id, connection_id, kind, at, event_id) DO NOTHING
 
 def repair_event_id(at: datetime, digest: bytes) -> str:
     """``reconcile_`` + a KSUID: ``at`` in its first 4 bytes, then 16 bytes of ``digest``."""
-    seconds = max(0, min(int(at.timestamp()) - _KSUID_EPOCH, 2**32 - 1))
-    number = (seconds << 128) | int.from_bytes(digest[:16], "big")
-    chars = []
-    for _ in range(27):
-        number, digit = divmod(number, 62)
-        chars.append(_B62[digit])
-    return REPAIR_PREFIX + "".join(reversed(chars))
+    seconds = min(int(at.timestamp()) - ksuid.EPOCH, 2**32 - 1)
+    return REPAIR_PREFIX + ksuid.encode(seconds, digest)
 
 
 @dataclass
@@ -327,8 +321,7 @@ async def _repair(conn: asyncpg.Connection, connection_id: str, integration: str
     async with conn.transaction():
         if records:
             await insert_records(conn, records)
-        columns: list[list[Any]] = [[row[i] for row in rows] for i in range(6)]
-        await conn.execute(RECORD_DRIFT_SQL, connection_id, at, *columns)
+        await conn.execute(RECORD_DRIFT_SQL, connection_id, at, *columns(rows, 6))
     for drift in drifts:
         drift.repaired = drift.repairable
 

@@ -9,7 +9,7 @@ Every object a list endpoint returns is appended to ``mirror.events`` like a del
 * ``origin`` says where it came from: ``backfill``, ``reconcile`` for repairs, ``fetch`` for
   completed truncated deliveries.
 * The stored body is a Trackstar-style envelope built from the object, parsed by
-  mirror.envelope like any delivery, so credential redaction applies.
+  mirror.parsing like any delivery, so credential redaction applies.
 
 A deletion that reconcile repairs is a ``<resource>.deleted`` event (every resource accepts
 one: projections.base) whose ``data`` holds the id and ``deleted_date``, the time reconcile
@@ -27,9 +27,9 @@ from typing import Any
 
 import orjson
 
-from mirror import envelope as envelope_mod
+from mirror import parsing
 from mirror.errors import MirrorError
-from mirror.log import Record
+from mirror.eventlog import Record
 from projections.base import Resource
 
 
@@ -67,11 +67,11 @@ class Snapshot:
     resource: Resource
     object_id: str
     data: dict[str, Any]           # as stored: credentials redacted
-    envelope: envelope_mod.Envelope
+    parsed: parsing.Parsed
 
     def record(self, event_id: str, origin: str, received_at: datetime) -> Record:
         """The log row for this snapshot."""
-        return Record(event_id, received_at, None, origin, self.envelope)
+        return Record(event_id, received_at, None, origin, self.parsed)
 
     def digest(self, connection_id: str) -> bytes:
         """See content_digest."""
@@ -80,7 +80,7 @@ class Snapshot:
 
 def snapshot(resource: Resource, connection_id: str, integration_name: str | None,
              obj: Mapping[str, Any], origin: str, source: str) -> Snapshot | None:
-    """``obj`` as a snapshot envelope, parsed (and redacted) by mirror.envelope; None when it
+    """``obj`` as a snapshot envelope, parsed (and redacted) by mirror.parsing; None when it
     cannot be stored as a version (no usable id)."""
     doc: dict[str, Any] = {
         "connection_id": connection_id,
@@ -93,10 +93,10 @@ def snapshot(resource: Resource, connection_id: str, integration_name: str | Non
     }
     if integration_name is None:
         del doc["integration_name"]
-    parsed = envelope_mod.parse(canonical_json(doc))
+    parsed = parsing.parse(canonical_json(doc))
     if parsed.unusable_reason is not None or parsed.object_id is None or parsed.data is None:
         return None
-    data = envelope_mod.loads(parsed.data)
+    data = parsing.loads(parsed.data)
     return Snapshot(resource, parsed.object_id, data, parsed)
 
 
@@ -114,7 +114,7 @@ def deletion(resource: Resource, connection_id: str, integration_name: str | Non
     }
     if integration_name is not None:
         doc["integration_name"] = integration_name
-    parsed = envelope_mod.parse(canonical_json(doc))
+    parsed = parsing.parse(canonical_json(doc))
     if parsed.unusable_reason is not None or parsed.object_id != object_id:
         raise MirrorError(f"cannot express the deletion of {resource.name} {object_id!r} "
                           f"as an event: {parsed.unusable_reason}")

@@ -29,6 +29,11 @@ CASES: list[tuple[str, str | None, str]] = [
     ("MIRROR_PORT", "70000", "between 0 and 65535"),
     ("MIRROR_MAX_BODY_BYTES", "10MB", "must be an integer"),
     ("MIRROR_REQUEST_TIMEOUT", "0", "between 1 and 300"),
+    ("MIRROR_BATCH_SIZE", "lots", "must be an integer"),
+    ("MIRROR_WORKERS", "0", "between 1 and 16"),
+    ("MIRROR_UVLOOP", "maybe", "must be 1 or 0"),
+    ("MIRROR_LOG_LEVEL", "loud", "must be one of"),
+    ("MIRROR_PROJECTOR", "thread", "must be one of"),
 ]
 
 
@@ -59,3 +64,27 @@ def test_service_refuses_to_start_on_bad_settings_naming_the_variable() -> None:
             for part in value.replace(",", " ").split():
                 assert part not in err, f"{case}: the secret is echoed"
         assert "Traceback" not in err
+
+
+# Commands other than serve read their settings the same way: `project` its batch size and
+# worker count, every command its log level.
+OTHER_COMMANDS = [
+    (["project"], "MIRROR_BATCH_SIZE", "0", "between 1 and 100000"),
+    (["project"], "MIRROR_BATCH_SIZE", "2k", "must be an integer"),
+    (["project", "--workers", "2"], "MIRROR_WORKERS", "many", "must be an integer"),
+    (["project"], "MIRROR_UVLOOP", "yes please", "must be 1 or 0"),
+    (["migrate"], "MIRROR_LOG_LEVEL", "verbose", "must be one of"),
+    (["status"], "MIRROR_LOG_LEVEL", "10", "must be one of"),
+]
+
+
+def test_other_commands_refuse_bad_settings_naming_the_variable() -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+    base["DATABASE_URL"] = "postgresql://postgres@127.0.0.1:1/nowhere"
+    for args, variable, value, fragment in OTHER_COMMANDS:
+        proc = subprocess.run([sys.executable, "-m", "mirror", *args], capture_output=True,
+                              env={**base, variable: value}, text=True, timeout=60)
+        case = f"mirror {' '.join(args)} with {variable}={value!r}"
+        assert proc.returncode == 2, f"{case}: exit {proc.returncode}\n{proc.stderr}"
+        assert proc.stderr.startswith(f"mirror: {variable}"), f"{case}: {proc.stderr!r}"
+        assert fragment in proc.stderr and "Traceback" not in proc.stderr, case

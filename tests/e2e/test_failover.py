@@ -1,6 +1,6 @@
 """Losing the database host: a real primary, synchronous standby and hot standby.
 
-Promises (CONTRACT §10): with synchronous replication configured on the server, an event the
+Promises (README: "High availability"): with synchronous replication configured on the server, an event the
 mirror acknowledged survives the loss of the primary; when a standby is promoted the service
 finds it by itself, without a restart, and answers 503 (with Retry-After) meanwhile, while
 /readyz says why; projection completes on the new primary; the read API and `mirror as-of`

@@ -18,7 +18,7 @@ import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
 from mirror.db import init_connection
-from mirror.log import insert_records
+from mirror.eventlog import insert_records
 from tests.e2e.harness import Service, wait_projected
 from tests.logtools import record
 from tests.signing import envelope, signed

@@ -1,4 +1,5 @@
-"""POST /webhooks against the real app and a real PostgreSQL: every row of CONTRACT §3."""
+"""POST /webhooks against the real app and a real PostgreSQL: every row of the README's
+"What the ingress answers" table."""
 
 from __future__ import annotations
 

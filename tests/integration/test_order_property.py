@@ -1,5 +1,5 @@
 """Property: any delivery order, any duplication and any batching of the same events give the
-same relations (CONTRACT §5: history is a function of the set of events)."""
+same relations (README, "How time and order work": history is a function of the set of events)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mirror.db import init_connection
-from mirror.log import Record, insert_records
+from mirror.eventlog import Record, insert_records
 from mirror.paths import diff
 from mirror.rebuild import rebuild
 from tests.conftest import with_database
@@ -94,4 +94,4 @@ def test_any_order_duplication_and_batching_give_the_same_relations(
     first = asyncio.run(_deliver(server_url, template_db, *orders[0]))
     second = asyncio.run(_deliver(server_url, template_db, *orders[1]))
     assert first == second
-    assert len(first["orders"]) == len({r.envelope.object_id for r in events})
+    assert len(first["orders"]) == len({r.parsed.object_id for r in events})

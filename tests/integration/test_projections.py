@@ -1,4 +1,4 @@
-"""Projections against a real PostgreSQL: current state, versions, changes, the rules of §5."""
+"""Projections against a real PostgreSQL: current state, versions, changes, the rules of the README's "How time and order work"."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import asyncpg
 import pytest
 
 from mirror.db import init_connection
+from mirror.eventlog import insert_records
 from mirror.keys import SETTINGS
-from mirror.log import insert_records
 from mirror.progress import PARTITIONS
 from mirror.projector import project_page
 from mirror.rebuild import rebuild
@@ -336,3 +336,31 @@ async def test_posted_webhooks_are_projected_by_the_running_workers(client: Any)
     finally:
         await conn.close()
     assert ids == [f"live_{n}" for n in range(5)]
+
+
+async def test_a_refused_object_is_folded_from_its_start_even_with_the_tail_cache(
+        conn: asyncpg.Connection) -> None:
+    from mirror.projector import TailCache
+
+    cache = TailCache()
+
+    async def fold_all() -> None:
+        while await project_page(conn, list(range(PARTITIONS)), page_size=500, cache=cache):
+            pass
+
+    await append(conn, order("bad", "2025-01-01T09:00:00Z", "open"))
+    await fold_all()
+    await conn.execute("ALTER TABLE mirror.orders ADD CONSTRAINT no_x CHECK (status <> 'x')")
+    await append(conn, order("bad", "2025-01-01T10:00:00Z", "x", kind="order.updated"))
+    await fold_all()
+    assert await conn.fetchval("SELECT count(*) FROM mirror.poison") == 1
+    await conn.execute("ALTER TABLE mirror.orders DROP CONSTRAINT no_x")
+    await append(conn, order("bad", "2025-01-01T11:00:00Z", "packed", kind="order.updated"))
+    await fold_all()
+    # The refused version is in history now too: the object was folded from its first event,
+    # not appended onto a cached tail that the database never stored.
+    statuses = [r["s"] for r in await conn.fetch(
+        "SELECT data->>'status' AS s FROM mirror.versions WHERE object_id = 'bad' "
+        "ORDER BY valid_from")]
+    assert statuses == ["open", "x", "packed"]
+    assert await conn.fetchval("SELECT count(*) FROM mirror.poison") == 0

@@ -1,6 +1,6 @@
-"""Each ruling of CONTRACT §5/§6 against the real database, under the arrival orders that used
-to break it (issue 10's list), and the bitemporal law: a later delivery never changes an answer
-for an earlier known_at."""
+"""Each ruling of the README's "How time and order work" and of the point-in-time functions,
+against the real database, under the arrival orders that used to break it, and the bitemporal
+law: a later delivery never changes an answer for an earlier known_at."""
 
 from __future__ import annotations
 

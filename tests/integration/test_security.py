@@ -84,6 +84,27 @@ async def test_bearer_token_is_compared_in_constant_time_whatever_is_sent(
     assert len(compared) == 1
 
 
+async def test_every_reading_route_needs_the_token_for_get_and_head(client: Client,
+                                                                    db_url: str) -> None:
+    """The token is checked by one middleware for every route that reads data, whatever the
+    method aiohttp adds beside GET: a HEAD answered 200 or 404 would tell who exists."""
+    await _seed(db_url)
+    paths = ["/objects/order/ord_1", "/objects/order/ord_1/history", "/explore/resources",
+             "/explore/search?q=ord", "/explore/timeline?resource=order&id=ord_1",
+             "/explore/state?resource=order&id=ord_1", "/explore/overview"]
+    wrong = {"Authorization": "Bearer " + _flip(API_TOKEN, 3)}
+    right = {"Authorization": f"Bearer {API_TOKEN}"}
+    for path in paths:
+        for method in ("GET", "HEAD"):
+            for headers in ({}, wrong):
+                response = await client.request(method, path, headers=headers)
+                assert response.status == 401, (method, path, headers)
+            assert (await client.request(method, path, headers=right)).status == 200, path
+    # The page itself holds no data and needs no token.
+    assert (await client.get("/ui/")).status == 200
+    assert (await client.get("/healthz")).status == 200
+
+
 INJECTIONS = [
     "x'; DROP TABLE mirror.events; --",
     "' OR '1'='1",

@@ -1,4 +1,4 @@
-"""The pure fold (CONTRACT §5): laws checked with hypothesis over generated event sets.
+"""The pure fold (README: "How time and order work"): laws checked with hypothesis over generated event sets.
 
 - Any permutation and duplication of a set of events gives the same timeline.
 - Folding a page onto what an earlier fold stored (re-folding only from the page's earliest

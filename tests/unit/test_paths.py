@@ -106,7 +106,7 @@ def test_resolve_prefers_longest_existing_dotted_key() -> None:
 
 
 def test_resolve_outside_existing_structure() -> None:
-    # missing key: a key containing dots matches before a nested path (CONTRACT §5)
+    # missing key: a key containing dots matches before a nested path (README: "How time and order work")
     assert resolve({}, "a.0.b") == ["a.0.b"]
     assert resolve({"x": {}}, "x.a.b") == ["x", "a.b"]
     # index == length on a list is still an index; after it, digits are keys

@@ -14,10 +14,10 @@ from typing import Any
 import asyncpg
 
 from mirror.db import is_unavailable
-from mirror.envelope import Envelope
 from mirror.errors import DatabaseUnavailable
+from mirror.parsing import Parsed
 
-log = logging.getLogger("mirror.log")
+log = logging.getLogger("mirror.eventlog")
 
 _COLUMNS = (
     "event_id", "received_at", "svix_timestamp", "origin", "connection_id", "integration_name",
@@ -28,7 +28,7 @@ _TYPES = (
     "text", "timestamptz", "timestamptz", "text", "text", "text", "text", "text", "text", "text",
     "text", "jsonb", "jsonb", "bytea", "bytea", "boolean", "text",
 )
-# JSON columns travel as text (already checked to be storable by mirror.envelope) and are cast
+# JSON columns travel as text (already checked to be storable by mirror.parsing) and are cast
 # in the database, so no Python value is serialised twice.
 APPEND_SQL = (
     f"INSERT INTO mirror.events ({', '.join(_COLUMNS)}) "
@@ -48,10 +48,10 @@ class Record:
     received_at: datetime
     svix_timestamp: datetime | None
     origin: str
-    envelope: Envelope
+    parsed: Parsed
 
     def values(self) -> tuple[Any, ...]:
-        e = self.envelope
+        e = self.parsed
         # '' for a body that names no connection: connection_id leads the log's primary key.
         connection = "" if e.connection_id is None else e.connection_id
         return (
@@ -65,8 +65,8 @@ class Record:
         """The same delivery reduced to its body, with every parsed and indexed field left
         out: what is stored when the database refuses the full row. Kept, flagged, never
         lost."""
-        e = self.envelope
-        bare = Envelope(e.body, e.body_sha256, e.redacted, unusable_reason=reason)
+        e = self.parsed
+        bare = Parsed(e.body, e.body_sha256, e.redacted, unusable_reason=reason)
         return Record(self.event_id, self.received_at, self.svix_timestamp, self.origin, bare)
 
 

@@ -1,7 +1,7 @@
 """Parse an authentic delivery into what the log stores, redacting credentials first.
 
 Nothing here raises on any body: an authentic body that is not a usable Trackstar envelope
-becomes an ``Envelope`` with ``unusable_reason`` set, so it is stored and never lost.
+becomes an ``Parsed`` with ``unusable_reason`` set, so it is stored and never lost.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ MAX_DEPTH = 64
 
 
 @dataclass(frozen=True)
-class Envelope:
+class Parsed:
     """One delivery as the log stores it."""
 
     body: bytes                      # stored body: the raw bytes, or a redacted rendering
@@ -144,7 +144,7 @@ WITHHELD = (b"[body withheld: it could not be parsed and names a credential "
             b"the mirror could not redact]")
 
 
-def _as_text(raw: bytes, digest: bytes, reason: str) -> Envelope:
+def _as_text(raw: bytes, digest: bytes, reason: str) -> Parsed:
     """A body kept whole, credentials redacted in its text, flagged with ``reason``.
 
     Text redaction only understands ``"key": "string"``; if a credential's name shows up
@@ -154,12 +154,12 @@ def _as_text(raw: bytes, digest: bytes, reason: str) -> Envelope:
     redacted_text, count = _CREDENTIAL_TEXT.subn(rf'\1"{REDACTED}"', text)
     decoded = _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text).lower()
     if sum(decoded.count(key) for key in CREDENTIAL_KEYS) > count:
-        return Envelope(WITHHELD, digest, True, unusable_reason=reason)
-    return Envelope(redacted_text.encode() if count else raw, digest, bool(count),
+        return Parsed(WITHHELD, digest, True, unusable_reason=reason)
+    return Parsed(redacted_text.encode() if count else raw, digest, bool(count),
                     unusable_reason=reason)
 
 
-def parse(raw: bytes) -> Envelope:
+def parse(raw: bytes) -> Parsed:
     """Parse and redact one authentic body. Never raises: a body that cannot be used is kept
     (credentials redacted as text) with the reason, never answered with an error and lost."""
     digest = hashlib.sha256(raw).digest()
@@ -169,7 +169,7 @@ def parse(raw: bytes) -> Envelope:
         return _as_text(raw, digest, f"body could not be parsed: {type(exc).__name__}")
 
 
-def _parse(raw: bytes, digest: bytes) -> Envelope:
+def _parse(raw: bytes, digest: bytes) -> Parsed:
     try:
         doc, by_orjson = _loads(raw)
     except (ValueError, RecursionError, UnicodeDecodeError):
@@ -182,7 +182,7 @@ def _parse(raw: bytes, digest: bytes) -> Envelope:
     except (_Unsafe, RecursionError) as exc:
         return _as_text(raw, digest, f"body cannot be stored as JSON: {exc}")
     body = dumps(clean).encode() if changed else raw
-    base = Envelope(body, digest, changed)
+    base = Parsed(body, digest, changed)
     if not isinstance(clean, dict):
         return _with(base, unusable_reason="body is not a JSON object")
 
@@ -224,5 +224,5 @@ def _parse(raw: bytes, digest: bytes) -> Envelope:
     return _with(base, **fields)
 
 
-def _with(base: Envelope, **fields: Any) -> Envelope:
-    return Envelope(base.body, base.body_sha256, base.redacted, **fields)
+def _with(base: Parsed, **fields: Any) -> Parsed:
+    return Parsed(base.body, base.body_sha256, base.redacted, **fields)
