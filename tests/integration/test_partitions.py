@@ -57,7 +57,7 @@ async def test_every_table_of_a_connections_data_leads_its_key_with_connection_i
     keys = {r["table_name"]: r["key"] for r in await conn.fetch(PRIMARY_KEYS_SQL)}
     # The log, the projection tables, the registry's current-state relations and their
     # children, backfill and completion bookkeeping: all of them are checked.
-    assert {"events", "states", "changes", "objects", "anomalies", "poison", "orders",
+    assert {"events", "states", "objects", "anomalies", "poison", "orders",
             "order_line_items", "backfill_progress", "completions"} <= set(keys)
     wrong = {table: key for table, key in keys.items() if not key or key[0] != "connection_id"}
     assert wrong == {}
