@@ -48,7 +48,20 @@ WHERE c.part IN (
     FOR UPDATE SKIP LOCKED)
 RETURNING part
 """
-# Which live worker holds which partitions: `mirror status` and the mirror.leases view.
+CLAIM_EXPIRED_SQL = f"""
+UPDATE mirror.checkpoints c
+SET owner = $1, lease_until = now() + interval '{LEASE_SECONDS} seconds'
+WHERE c.part IN (
+    SELECT part FROM mirror.checkpoints
+    WHERE owner IS NOT NULL AND owner <> $1 AND lease_until < now()
+    ORDER BY part
+    FOR UPDATE SKIP LOCKED)
+RETURNING part
+"""
+# Heartbeats of workers gone for an hour (SIGKILLed ones never say goodbye).
+FORGET_SQL = "DELETE FROM mirror.workers WHERE beat_at < now() - interval '1 hour'"
+# Which live worker holds which partitions (`mirror status`; the view mirror.partition_owners
+# has one row per partition).
 LEASES_SQL = """
 SELECT owner, count(*) AS partitions, min(part) AS first, max(part) AS last,
        min(lease_until) AS until
@@ -82,8 +95,13 @@ async def keep_leases(conn: asyncpg.Connection, name: str) -> list[int]:
             extra = held[share:]
             await conn.execute(RELEASE_SQL, name, extra)
             held = held[:share]
-        elif len(held) < share:
-            held += [r["part"] for r in await conn.fetch(CLAIM_SQL, name, share - len(held))]
+        # Up to the fair share; and whatever lease has run out even beyond it: a dead worker's
+        # partitions are taken over as soon as its leases expire, not only once its heartbeat
+        # is old enough to change the share (the next rounds hand the extra back).
+        want = max(share - len(held), 0)
+        held += [r["part"] for r in await conn.fetch(CLAIM_SQL, name, want)]
+        held += [r["part"] for r in await conn.fetch(CLAIM_EXPIRED_SQL, name)]
+        await conn.execute(FORGET_SQL)
     return sorted(held)
 
 

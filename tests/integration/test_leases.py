@@ -46,3 +46,15 @@ async def test_a_worker_whose_lease_was_taken_over_cannot_advance_the_partition(
     assert await conn.fetchval("SELECT count(*) FROM mirror.products") == 0
     assert await project_page(conn, held, owner="new:2:0") == 1
     assert await conn.fetchval("SELECT count(*) FROM mirror.products") == 1
+
+
+async def test_expired_leases_are_taken_over_before_the_heartbeat_ages_out(
+        conn: asyncpg.Connection) -> None:
+    await progress.keep_leases(conn, "host-a:1:0")
+    await progress.keep_leases(conn, "host-b:2:0")
+    await progress.keep_leases(conn, "host-a:1:0")
+    assert len(await progress.keep_leases(conn, "host-b:2:0")) == 64
+    # host-a was SIGKILLed a moment ago: its leases ran out, its heartbeat still looks fresh.
+    await conn.execute("UPDATE mirror.checkpoints SET lease_until = now() - interval '1 s' "
+                       "WHERE owner = 'host-a:1:0'")
+    assert len(await progress.keep_leases(conn, "host-b:2:0")) == 128
