@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from bench import load
+from bench import load, scaling
 from bench.workload import generate
 
 SECRET = "whsec_" + base64.b64encode(b"trackstar-mirror-bench-secret!!").decode()
@@ -246,6 +246,7 @@ def main() -> int:
             "visibility": visibility(admin),
         }
         results.update(deep.run(admin, projector_events))
+        results["scaling"] = scaling.run(admin)
         if server is not None:
             server.cleanup()
     results["total_s"] = round(time.time() - started, 1)
@@ -301,6 +302,7 @@ def render(r: dict[str, Any]) -> str:
             lines.append(f"| object_as_of p50 / p99, {depth} versions{label} (ms) | "
                          f"{q['p50_ms']} / {q['p99_ms']} | 1 version: {base} | "
                          f"{q['p99_ms'] / max(base, 1e-9):.2f}x | p99 < 2, flat |")
+    lines += scaling.render(r["scaling"]) if "scaling" in r else []
     t = r["table_as_of"]
     lines += [
         f"| table_as_of over {t['objects']:,} {t['resource']} objects, count(*) (ms) | "

@@ -211,7 +211,7 @@ class Settings:
     projector: str = "process"
     # Ingress processes sharing the port (SO_REUSEPORT); verification and parsing are CPU
     # work, so one per core.
-    ingress_processes: int = 1
+    ingress_processes: int = 1      # 0: chosen by `mirror serve` from the cores (processes.py)
     # The Trackstar REST API: with a key, the service completes truncated deliveries itself
     # (mirror.trackstar.completion). The key is sent to trackstar_base_url's host only.
     trackstar_api_key: str = field(default="", repr=False)
@@ -258,8 +258,7 @@ class Settings:
             request_timeout=_int(env, "MIRROR_REQUEST_TIMEOUT", DEFAULT_REQUEST_TIMEOUT, 1, 300),
             db_timeout=float(_int(env, "MIRROR_DB_TIMEOUT", 5, 1, 60)),
             projector=_choice(env, "MIRROR_PROJECTOR", ("process", "inline"), "process"),
-            ingress_processes=_int(env, "MIRROR_INGRESS_PROCESSES",
-                                   min(os.cpu_count() or 1, 4), 1, 64),
+            ingress_processes=_int(env, "MIRROR_INGRESS_PROCESSES", 0, 0, 64),
             trackstar_api_key=(env.get("MIRROR_TRACKSTAR_API_KEY") or "").strip(),
             trackstar_base_url=trackstar_base_url(env),
             read_database_url=read_database_url(env),

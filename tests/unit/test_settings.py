@@ -105,3 +105,18 @@ def test_the_help_text_names_every_command() -> None:
     doc = cli.__doc__ or ""
     for name in commands:
         assert f"\n  {name} " in doc, name
+
+
+def test_serve_leaves_one_core_to_its_projection_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mirror.processes import ingress_processes
+
+    base = Settings(database_url="postgresql://x/db", webhook_secrets=(), api_token="t" * 32,
+                    ingress_processes=0, projector="process")
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert ingress_processes(base, project=True) == 1
+    assert ingress_processes(base, project=False) == 2  # a `--no-projector` host
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert ingress_processes(base, project=True) == 4
+    chosen = Settings(database_url="postgresql://x/db", webhook_secrets=(), api_token="t" * 32,
+                      ingress_processes=3)
+    assert ingress_processes(chosen, project=True) == 3
