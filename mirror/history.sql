@@ -197,7 +197,8 @@ $$;
 -- Every object of a resource as it stood at `at` (deleted ones left out). Without known_at it
 -- reads one version per object, never the versions before it: an object whose current version
 -- had begun by `at` comes straight from the current-state relation; only the others (changed
--- or deleted since) are probed in mirror.states. With known_at each object is decided among
+-- since `at`, found by the current relation's valid_from index, or deleted, flagged in
+-- mirror.objects) are probed in mirror.states. With known_at each object is decided among
 -- the candidates known by then.
 CREATE OR REPLACE FUNCTION mirror.table_as_of(resource text, at timestamptz,
                                               known_at timestamptz DEFAULT NULL)
@@ -213,15 +214,17 @@ BEGIN
         RETURN QUERY EXECUTE format(
             'SELECT c.connection_id, c.id, c.data FROM mirror.%1$I c WHERE c.valid_from <= $1 '
             'UNION ALL '
-            'SELECT o.connection_id, o.object_id, mirror.state_data(v) '
-            'FROM mirror.objects o '
+            'SELECT k.connection_id, k.object_id, mirror.state_data(v) '
+            'FROM (SELECT c.connection_id, c.id AS object_id FROM mirror.%1$I c '
+            '      WHERE c.valid_from > $1 '
+            '      UNION ALL '
+            '      SELECT o.connection_id, o.object_id FROM mirror.objects o '
+            '      WHERE o.resource = %2$L AND o.deleted) k '
             'CROSS JOIN LATERAL (SELECT s.* FROM mirror.states s '
-            '    WHERE s.connection_id = o.connection_id AND s.resource = o.resource '
-            '      AND s.object_id = o.object_id AND s.wins AND s.valid_from <= $1 '
+            '    WHERE s.connection_id = k.connection_id AND s.resource = %2$L '
+            '      AND s.object_id = k.object_id AND s.wins AND s.valid_from <= $1 '
             '    ORDER BY s.valid_from DESC LIMIT 1) v '
-            'WHERE o.resource = %2$L AND NOT v.deleted AND NOT EXISTS ('
-            '    SELECT 1 FROM mirror.%1$I c WHERE c.connection_id = o.connection_id '
-            '      AND c.id = o.object_id AND c.valid_from <= $1)',
+            'WHERE NOT v.deleted',
             current_table, r)
         USING table_as_of.at;
         RETURN;

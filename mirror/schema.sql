@@ -195,7 +195,11 @@ CREATE TABLE IF NOT EXISTS mirror.objects (
     first_received timestamptz NOT NULL,
     PRIMARY KEY (connection_id, resource, object_id)
 );
+-- Whether the object's current state is a deletion (set when that changes, not every page):
+-- table_as_of finds the deleted objects without an anti-join over all of them.
+ALTER TABLE mirror.objects ADD COLUMN IF NOT EXISTS deleted boolean NOT NULL DEFAULT false;
 CREATE INDEX IF NOT EXISTS objects_id ON mirror.objects (resource, object_id);
+CREATE INDEX IF NOT EXISTS objects_deleted ON mirror.objects (resource) WHERE deleted;
 
 -- Every candidate state of every object (the README's "How time and order work"): the state
 -- each event carries (or its deletion) and the state each update reveals, at its own valid time, with the time the mirror

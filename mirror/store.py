@@ -117,6 +117,13 @@ SET known_from = least(o.known_from, EXCLUDED.known_from),
     first_received = least(o.first_received, EXCLUDED.first_received)
 WHERE EXCLUDED.known_from < o.known_from OR EXCLUDED.first_received < o.first_received
 """
+SET_DELETED_SQL = """
+UPDATE mirror.objects o SET deleted = u.deleted
+FROM unnest($1::text[], $2::text[], $3::text[], $4::boolean[])
+     AS u(connection_id, resource, object_id, deleted)
+WHERE o.connection_id = u.connection_id AND o.resource = u.resource
+  AND o.object_id = u.object_id AND o.deleted <> u.deleted
+"""
 UPSERT_ANOMALIES_SQL = """
 INSERT INTO mirror.anomalies (connection_id, resource, object_id, kind, at, event_id, paths,
                               detail)
@@ -298,6 +305,7 @@ class Writer:
         self.objects: list[tuple[Any, ...]] = []
         self.anomalies: list[tuple[Any, ...]] = []
         self.cleared: list[ObjectKey] = []
+        self.deleted: list[tuple[str, str, str, bool]] = []
         self.poison: list[tuple[Any, ...]] = []
         self.current: dict[str, list[_Current]] = {}
 
@@ -331,6 +339,10 @@ class Writer:
                                    _array_literal(a.paths), json_text(a.detail)))
         if out.tail is not None and out.tail.poisoned:
             self.cleared.append(out.key)
+        now_deleted = folded.current is not None and folded.current.deleted
+        was_deleted = prior is not None and prior.deleted
+        if now_deleted != was_deleted or (out.refold and now_deleted):
+            self.deleted.append((conn_id, resource, obj_id, now_deleted))
         if folded.current is not prior:
             self.current.setdefault(resource, []).append(
                 (conn_id, obj_id, folded.current, out.before, out.before_known))
@@ -358,6 +370,8 @@ class Writer:
             found = columns([a[:6] for a in anomalies], 6)
             await conn.execute(RESOLVE_ANOMALIES_SQL, *columns(self.refolds, 4),
                                list(FOLD_KINDS), *found)
+        if self.deleted:
+            await conn.execute(SET_DELETED_SQL, *columns(self.deleted, 4))
         if self.cleared:
             await conn.execute(CLEAR_POISON_SQL, *columns(self.cleared, 3))
         if self.poison:

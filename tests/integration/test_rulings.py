@@ -282,3 +282,30 @@ async def test_a_later_delivery_never_changes_an_earlier_known_at_answer(
                 if key in seen:
                     assert seen[key] == answer, (p, key)
                 seen[key] = answer
+
+
+async def test_table_as_of_sees_objects_changed_and_deleted_since(
+        conn: asyncpg.Connection) -> None:
+    url = "https://wms.example/api/gone"
+
+    def err(kind: str, minute: int, message: str) -> dict[str, Any]:
+        return envelope(kind, {"failed_url": url, "error_message": message,
+                               "updated_date": iso(at(minute))})
+    await deliver(conn, err("connection-error.created", 0, "boom"), 0)
+    await deliver(conn, order(0, "open", kind="order.created"), 1)
+    await deliver(conn, order(20, "packed"), 2)
+    await deliver(conn, err("connection-error.deleted", 30, "boom"), 3)
+
+    async def table(resource: str, minute: int) -> dict[str, Any]:
+        rows = await conn.fetch("SELECT id, data FROM mirror.table_as_of($1, $2)",
+                                resource, at(minute))
+        return {r["id"]: r["data"] for r in rows}
+    assert (await table("order", 10))["o1"]["status"] == "open"    # changed since: probed
+    assert (await table("order", 25))["o1"]["status"] == "packed"  # current, read as it is
+    assert list(await table("connection-error", 10)) == [url]      # deleted since: probed
+    assert await table("connection-error", 40) == {}
+    # Revived by a later event: no longer listed as deleted.
+    await deliver(conn, err("connection-error.created", 50, "again"), 4)
+    assert (await table("connection-error", 60))[url]["error_message"] == "again"
+    assert not await conn.fetchval("SELECT deleted FROM mirror.objects WHERE object_id = $1",
+                                   url)
