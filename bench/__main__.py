@@ -139,13 +139,7 @@ def ingest(admin_url: str, events: int, concurrency: int) -> dict[str, Any]:
             visibility = None
             watcher = None
             if kind == "mirror":
-                seen: set[str] = set()
-                sample: dict[int, str] = {}
-                for index, d in enumerate(deliveries):
-                    if d.msg_id not in seen and index % 10 == 0:
-                        sample[index] = d.msg_id
-                    seen.add(d.msg_id)
-                visibility = (dsn, sample)
+                visibility = (dsn, _sample(deliveries, 10))
                 watcher = LagWatcher(port)
                 watcher.start()
             result = load.run(port, load.sign_all(deliveries, SECRET, port), concurrency,
@@ -180,6 +174,17 @@ def ingest(admin_url: str, events: int, concurrency: int) -> dict[str, Any]:
     return out
 
 
+def _sample(deliveries: list[Any], every: int) -> dict[int, str]:
+    """Every ``every``-th first delivery of a message: whose visibility is timed."""
+    seen: set[str] = set()
+    sample: dict[int, str] = {}
+    for index, d in enumerate(deliveries):
+        if d.msg_id not in seen and index % every == 0:
+            sample[index] = d.msg_id
+        seen.add(d.msg_id)
+    return sample
+
+
 def visibility(admin_url: str, rate: int = 1000, seconds: int = 20) -> dict[str, Any]:
     """2xx → projected at a steady, paced ``rate`` (not a saturating load): p50 / p99."""
     deliveries = generate(rate * seconds, seed=23)
@@ -191,13 +196,8 @@ def visibility(admin_url: str, rate: int = 1000, seconds: int = 20) -> dict[str,
     proc = _start("mirror", dsn, port)
     try:
         load.run(port, load.sign_all(generate(300, seed=98), SECRET, port), concurrency=8)
-        seen: set[str] = set()
-        sample: dict[int, str] = {}
-        for index, d in enumerate(deliveries):
-            if d.msg_id not in seen and index % 5 == 0:
-                sample[index] = d.msg_id
-            seen.add(d.msg_id)
-        result = load.run(port, load.sign_all(deliveries, SECRET, port), 32, (dsn, sample),
+        result = load.run(port, load.sign_all(deliveries, SECRET, port), 32,
+                          (dsn, _sample(deliveries, 5)),
                           pace=rate)
     finally:
         _stop(proc)

@@ -77,14 +77,6 @@ JOIN mirror.events e
 WHERE e.unusable_reason IS NULL
   AND NOT EXISTS (SELECT 1 FROM mirror.unprojected_events u WHERE u.position = e.position)
 """
-ALL_EVENTS_SQL = f"""
-SELECT {EVENT_COLUMNS}
-FROM {_KEYS}
-JOIN mirror.events e
-  ON e.resource = k.resource AND e.connection_id = k.connection_id
- AND e.object_id = k.object_id
-WHERE e.unusable_reason IS NULL
-"""
 
 DELETE_STATES_SQL = f"""
 DELETE FROM mirror.states s
@@ -273,12 +265,6 @@ async def load_folded_events(conn: asyncpg.Connection, keys: Sequence[ObjectKey]
                              ) -> dict[ObjectKey, list[Event]]:
     """Every projectable event of these objects that their partition has already passed."""
     return events_from_rows(await conn.fetch(FOLDED_EVENTS_SQL, *columns(keys, 3)))
-
-
-async def load_all_events(conn: asyncpg.Connection, keys: Sequence[ObjectKey],
-                          ) -> dict[ObjectKey, list[Event]]:
-    """Every projectable event of these objects (rebuild)."""
-    return events_from_rows(await conn.fetch(ALL_EVENTS_SQL, *columns(keys, 3)))
 
 
 @dataclass
