@@ -405,7 +405,7 @@ def _check_instant(cands: list[Candidate], winner: Candidate, chain: set[bytes],
         if c.check is None or before_data is None:
             continue
         named, revealed = c.check
-        if state_hash(revealed) in hashes:
+        if c.prev_hash in hashes:
             continue  # it reveals a state received at this very instant
         differing = tuple(p for p in named
                           if not same_value(_value_at(revealed, p), _value_at(before_data, p)))
@@ -422,14 +422,14 @@ def fold(resource: Resource, events: Sequence[Event]) -> Folded:
         found, shown = candidates_of(resource, event)
         cands += found
         anomalies += shown
-    result = fold_from(resource, None, _dedupe(cands))
+    result = fold_from(resource, None, unique(cands))
     result.anomalies[:0] = anomalies
     return result
 
 
-def _dedupe(cands: Iterable[Candidate]) -> list[Candidate]:
-    """One candidate per (event, derived): the same event delivered twice is stored once."""
-    seen: dict[tuple[str, bool], Candidate] = {}
+def unique(cands: Iterable[Candidate]) -> list[Candidate]:
+    """One candidate per (event, derived): an event delivered or loaded twice counts once."""
+    seen: dict[tuple[int, bool], Candidate] = {}
     for c in cands:
-        seen.setdefault((c.event_id, c.derived), c)
+        seen.setdefault((c.position, c.derived), c)
     return list(seen.values())

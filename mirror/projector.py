@@ -42,7 +42,7 @@ import asyncpg
 from mirror import progress
 from mirror.db import is_unavailable
 from mirror.errors import Conflict
-from mirror.fold import Anomaly, Candidate, Event, Prior, candidates_of, fold_from
+from mirror.fold import Anomaly, Candidate, Event, Prior, candidates_of, fold_from, unique
 from mirror.metrics import Metrics
 from mirror.store import (
     ObjectKey,
@@ -55,6 +55,7 @@ from mirror.store import (
     load_tails,
 )
 from projections import registry
+from projections.base import Resource
 
 log = logging.getLogger("mirror.projector")
 
@@ -211,7 +212,7 @@ async def fold_page(conn: asyncpg.Connection, fresh: dict[ObjectKey, list[Event]
     failed: list[tuple[ObjectKey, str, int]] = []  # the objects whose fold raised
     outcomes: list[Outcome] = []
     tails_now: dict[ObjectKey, _Cached] = {}
-    new: dict[ObjectKey, tuple[list[Candidate], list[Anomaly]]] = {}
+    new: dict[ObjectKey, tuple[Resource, list[Candidate], list[Anomaly]]] = {}
     since: dict[ObjectKey, datetime] = {}
     for key, events in fresh.items():
         resource = registry.by_name(key[0])
@@ -227,7 +228,7 @@ async def fold_page(conn: asyncpg.Connection, fresh: dict[ObjectKey, list[Event]
         except Exception as exc:  # a payload the fold cannot read: the object, not the page
             _poison(failed, key, exc, events, cache)
             continue
-        new[key] = (cands, shown)
+        new[key] = (resource, cands, shown)
         # Load the tail from the earliest *received* instant: in an in-order stream every
         # update also reveals the state at the stored last instant, which changes nothing.
         since[key] = min(c.valid_from for c in cands if not c.derived)
@@ -245,7 +246,7 @@ async def fold_page(conn: asyncpg.Connection, fresh: dict[ObjectKey, list[Event]
             unknown[key] = t
     tails.update(await load_tails(conn, unknown))
     earlier: dict[ObjectKey, datetime] = {}
-    for key, (cands, _) in new.items():
+    for key, (_, cands, _) in new.items():
         prior = tails[key].prior
         if prior is not None:
             cands[:] = [c for c in cands if not _redundant(c, prior)]
@@ -263,9 +264,7 @@ async def fold_page(conn: asyncpg.Connection, fresh: dict[ObjectKey, list[Event]
     stored = await load_later_events(conn, later) if later else {}
     poisoned = [k for k in since if tails[k].poisoned]
     replay = await load_folded_events(conn, poisoned) if poisoned else {}
-    for key, (cands, shown) in new.items():
-        resource = registry.by_name(key[0])
-        assert resource is not None
+    for key, (resource, cands, shown) in new.items():
         tail = tails[key]
         t = since[key]
         refold = key in later
@@ -285,7 +284,7 @@ async def fold_page(conn: asyncpg.Connection, fresh: dict[ObjectKey, list[Event]
                     cands += [c for c in found if c.valid_from >= t]
                     shown += [a for a in anomalies if a.at >= t]
             first = tail.first_received
-            folded = fold_from(resource, tail.prior, _unique(cands), first)
+            folded = fold_from(resource, tail.prior, unique(cands), first)
         except Exception as exc:
             _poison(failed, key, exc, fresh[key], cache)
             continue
@@ -374,13 +373,6 @@ def _redundant(c: Candidate, prior: Prior) -> bool:
     return (c.derived and c.valid_from == prior.valid_from and not prior.derived
             and not prior.deleted and prior.state_hash == c.state_hash
             and prior.known_from is not None and prior.known_from <= c.known_from)
-
-
-def _unique(cands: list[Candidate]) -> list[Candidate]:
-    seen: dict[tuple[int, bool], Candidate] = {}
-    for c in cands:
-        seen.setdefault((c.position, c.derived), c)
-    return list(seen.values())
 
 
 class Projector:

@@ -18,7 +18,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mirror import ksuid
-from mirror.fold import Candidate, Event, Prior, candidates_of, fold, fold_from, state_hash
+from mirror.fold import (
+    Candidate,
+    Event,
+    Prior,
+    candidates_of,
+    fold,
+    fold_from,
+    state_hash,
+    unique,
+)
 from projections import registry
 
 ORDER = registry.by_name("order")
@@ -127,20 +136,13 @@ def _incremental(events: list[Event], split: int) -> Any:
     for e in events[:split]:
         again += [c for c in candidates_of(ORDER, e)[0] if c.valid_from >= t]
     received = [c.valid_from for c in stored if not c.derived]
-    tail = fold_from(ORDER, prior, _unique(again + new), min(received, default=None))
+    tail = fold_from(ORDER, prior, unique(again + new), min(received, default=None))
     for c in winners:
         if prior is not None and c.valid_from == prior.valid_from:
             c.valid_to = tail.prior_valid_to
     kept = [c for c in stored if c.valid_from < t]
     tail.candidates = kept + tail.candidates
     return tail
-
-
-def _unique(cands: list[Candidate]) -> list[Candidate]:
-    seen: dict[tuple[int, bool], Candidate] = {}
-    for c in cands:
-        seen.setdefault((c.position, c.derived), c)
-    return list(seen.values())
 
 
 @settings(max_examples=300, deadline=None)
