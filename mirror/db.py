@@ -329,10 +329,6 @@ class Reader:
         self.last_error: str | None = None
 
     @property
-    def has_replica(self) -> bool:
-        return self._replica is not None
-
-    @property
     def falling_back(self) -> bool:
         """True while reads go to the primary because the replica failed."""
         return self._replica is not None and time.monotonic() < self._skip_until

@@ -22,7 +22,6 @@ from mirror.progress import projection_lag
 from projections import registry
 from projections.base import Resource
 
-_FAR_FUTURE = datetime(9999, 12, 31, tzinfo=UTC)
 SEARCH_LIMIT = 20
 PAGE_DEFAULT = 1000
 PAGE_MAX = 1000
@@ -95,7 +94,7 @@ async def search(conn: asyncpg.Connection, text: str, resource: str | None = Non
         # their exact id, through the history (one index probe).
         try:
             connection, _ = await history.object_as_of(conn, statement.resource, text,
-                                                       _FAR_FUTURE)
+                                                       None)
             connections = [connection] if connection is not None else []
         except AmbiguousObject:
             connections = [r["connection_id"] for r in
@@ -157,7 +156,7 @@ async def timeline(conn: asyncpg.Connection, resource: str, object_id: str,
     ``before`` pages backwards: only versions valid from earlier than it. Raises AmbiguousObject
     when the id is in several connections and ``connection_id`` is None.
     """
-    found_connection, _ = await history.object_as_of(conn, resource, object_id, _FAR_FUTURE,
+    found_connection, _ = await history.object_as_of(conn, resource, object_id, None,
                                                       connection_id)
     if found_connection is None:
         return None
@@ -189,7 +188,7 @@ async def state(conn: asyncpg.Connection, resource: str, object_id: str,
                 connection_id: str | None = None) -> tuple[str | None, Any]:
     """(connection_id, state) of the object at ``at`` (default: its latest state) as known at
     ``known_at`` (default: everything received)."""
-    return await history.object_as_of(conn, resource, object_id, at or _FAR_FUTURE,
+    return await history.object_as_of(conn, resource, object_id, at,
                                       connection_id, known_at)
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
 from mirror.errors import AmbiguousObject, BadRequest
 
+# "Now" for a state: after every valid_from, whatever clocks say.
+CURRENT = datetime(9999, 12, 31, tzinfo=UTC)
 AS_OF_SQL = """
 SELECT mirror.object_connection($1, $2, $3, $5) AS connection_id,
        mirror.object_as_of($1, $2, $4, $3, $5) AS data
@@ -25,10 +27,12 @@ def _translate(exc: asyncpg.PostgresError) -> Exception:
     return AmbiguousObject(str(exc))
 
 
-async def object_as_of(conn: asyncpg.Connection, resource: str, object_id: str, at: datetime,
-                       connection_id: str | None = None,
+async def object_as_of(conn: asyncpg.Connection, resource: str, object_id: str,
+                       at: datetime | None, connection_id: str | None = None,
                        known_at: datetime | None = None) -> tuple[str | None, Any]:
-    """(connection_id, state) of one object at ``at``; state None when there is none."""
+    """(connection_id, state) of one object at ``at`` (None: its current state); state None
+    when there is none."""
+    at = at or CURRENT
     try:
         row = await conn.fetchrow(AS_OF_SQL, resource, object_id, connection_id, at, known_at)
     except (asyncpg.InvalidParameterValueError, asyncpg.CardinalityViolationError) as exc:

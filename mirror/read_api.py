@@ -6,7 +6,6 @@ Errors are raised and answered by mirror.middleware (400, 404, 503).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -17,7 +16,6 @@ from mirror.errors import NotFound
 from mirror.keys import READER
 from mirror.middleware import json_answer
 
-_FAR_FUTURE = datetime(9999, 12, 31, tzinfo=UTC)
 MAX_TEXT = 2048  # longest id or connection id accepted, in characters
 
 
@@ -39,7 +37,7 @@ async def get_object(request: web.Request) -> web.Response:
     connection_id = _connection(request)
 
     async def read(conn: asyncpg.Connection) -> tuple[str | None, Any]:
-        return await history.object_as_of(conn, resource, object_id, at or _FAR_FUTURE,
+        return await history.object_as_of(conn, resource, object_id, at,
                                           connection_id, known_at)
 
     found_connection, data = await request.app[READER].run(read)
